@@ -1,0 +1,124 @@
+"""Train a transformer on sequences of a graph-structured sequential model (GSSM).
+
+    python -m src.apps.gssm.train config=src/apps/gssm/configs/debug.yaml [key=value ...]
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m src.apps.gssm.train config=...
+
+Evaluation lines report the model's loss next to the true model's (`bayes_loss`) on the same
+held-out sequences, and their `gap`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...nanollama.config import ConfigError, cli_main, load_config
+from ...nanollama.distributed import Cluster, ClusterConfig
+from ...nanollama.model.attention import flex_backward_available
+from ...nanollama.model.transformer import Transformer, TransformerConfig
+from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
+from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm
+from .data import DataConfig, build_stream, micro_batch_size
+from .evaluation import EvaluationConfig, evaluate
+from .generator import GSSM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+def set_vocab_size(cfg: TrainConfig, gssm: GSSM) -> None:
+    """The vocabulary is the observed node's states (0 in the config means: take it from the graph)."""
+    if cfg.model.vocab_size not in (0, gssm.vocab_size):
+        raise ConfigError(
+            "model.vocab_size", f"{cfg.model.vocab_size} != observed state_dim {gssm.vocab_size}"
+        )
+    cfg.model.vocab_size = gssm.vocab_size
+
+
+def build_model(cfg: TrainConfig, training: bool, device: torch.device) -> Transformer:
+    """Deterministic init from the global seed; flex falls back to sdpa where it cannot train."""
+    if training and cfg.model.attention == "flex" and not flex_backward_available(device):
+        logger.warning(f"FlexAttention has no backward on {device.type}: training with sdpa instead")
+        cfg.model.attention = "sdpa"
+    torch.manual_seed(cfg.orchestration.seed)
+    model = Transformer(cfg.model)
+    model.init_weights()
+    return model
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def train(cfg: TrainConfig) -> None:
+    with ExitStack() as stack:
+        cluster = stack.enter_context(Cluster(cfg.cluster))
+        acc = cfg.optim.accumulation_steps
+        micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, acc)
+        gssm = GSSM(cfg.data.gssm)
+        seed, rank = cfg.orchestration.seed, cluster.rank
+        stream = build_stream(cfg.data, gssm, micro, seed, rank, cluster.world_size)
+        set_vocab_size(cfg, gssm)
+
+        monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
+        stream = stack.enter_context(stream)
+        model = cluster.wrap(build_model(cfg, training=True, device=cluster.device))
+        optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
+        scheduler = build_scheduler(optimizer, cfg.optim)
+        seed_everything(seed, rank)
+        step = monitor.resume(model, optimizer, scheduler, stream)
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        logger.info(f"training from step {step} to {cfg.optim.steps}, {micro} sequences/rank/micro-step")
+
+        while step < cfg.optim.steps and not monitor.stop:
+            model.train()
+            loss_sum = torch.zeros((), device=cluster.device)
+            for micro_step in range(acc):
+                with monitor.phase("data"):
+                    tokens = next(stream).to(cluster.device, non_blocking=True)
+                with monitor.phase("model"), cluster.gradient_sync(model, micro_step == acc - 1):
+                    with cluster.autocast():
+                        logits = model(tokens[:, :-1])
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+                    (loss / acc).backward()
+                    loss_sum += loss.detach()
+            with monitor.phase("optim"):
+                grad_norm = clip_grad_norm(model, cfg.optim.clip)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            eval_due = cfg.evaluation.due(step, cfg.optim.steps)
+            if eval_due and not cfg.evaluation.asynchronous:
+                with monitor.phase("eval"):
+                    monitor.log_eval(step, evaluate(model, gssm, cfg, cluster))
+            eval_checkpoint = eval_due and cfg.evaluation.asynchronous
+            loss = loss_sum.item() / acc
+            monitor.end_step(step, loss, tokens_per_step, eval_checkpoint, lr=lr, grad_norm=grad_norm)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    train(load_config(TrainConfig, argv))
+
+
+if __name__ == "__main__":
+    main()

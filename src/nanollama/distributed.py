@@ -1,0 +1,193 @@
+"""Where we run and how the model is replicated: one process, torchrun, or srun-launched SLURM tasks.
+
+`Cluster` is a context manager: it picks the device, starts the process group (gloo on CPU, nccl
+on CUDA), wraps the model for DDP or FSDP2, and always tears down with a barrier first (without
+it, gloo teardown aborts now and then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    parallelism: str = "ddp"  # ddp | fsdp (used when more than one process)
+    dtype: str = "float32"  # float32 | bfloat16 (mixed precision: autocast, or FSDP's policy on GPU)
+    compile: bool = False
+    matmul_precision: str = "high"  # torch.set_float32_matmul_precision
+
+    def check(self) -> None:
+        choices = {
+            "device": ("auto", "cpu", "cuda"),
+            "parallelism": ("ddp", "fsdp"),
+            "dtype": ("float32", "bfloat16"),
+            "matmul_precision": ("highest", "high", "medium"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(key, f"'{getattr(self, key)}' is not one of {', '.join(allowed)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device", "cuda requested but no GPU is visible (use device=auto or cpu)")
+
+
+@dataclass
+class Environment:
+    """What the launcher told this process about its place in the job."""
+
+    kind: str  # single | torchrun | slurm
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        return out.stdout.split()[0]
+    except (OSError, IndexError):
+        return nodelist.split(",")[0]
+
+
+def detect_environment(env: dict | None = None) -> Environment:
+    """torchrun sets RANK/WORLD_SIZE; srun sets SLURM_PROCID/SLURM_NTASKS; otherwise a single process."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Environment(
+            "torchrun",
+            int(env["RANK"]),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env["WORLD_SIZE"]),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return Environment(
+            "slurm",
+            int(env["SLURM_PROCID"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            int(env["SLURM_NTASKS"]),
+            _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            20000 + job % 20000,
+        )
+    return Environment("single")
+
+
+class Cluster:
+    """Device, process group and model wrapping for the run; enter it before anything else."""
+
+    def __init__(self, cfg: ClusterConfig):
+        self.cfg = cfg
+        self.env = detect_environment()
+        self.rank, self.world_size = self.env.rank, self.env.world_size
+        self.is_main = self.rank == 0
+        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device(f"cuda:{self.env.local_rank}" if use_cuda else "cpu")
+        self.device_type = self.device.type
+        self.fsdp = cfg.parallelism == "fsdp" and self.world_size > 1
+
+    def __enter__(self) -> Cluster:
+        torch.set_float32_matmul_precision(self.cfg.matmul_precision)
+        if self.device_type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1 and not dist.is_initialized():
+            if self.env.kind == "slurm":
+                os.environ.setdefault("MASTER_ADDR", self.env.master_addr)
+                os.environ.setdefault("MASTER_PORT", str(self.env.master_port))
+            backend = "nccl" if self.device_type == "cuda" else "gloo"
+            dist.init_process_group(
+                backend,
+                rank=self.rank,
+                world_size=self.world_size,
+                device_id=self.device if backend == "nccl" else None,
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.barrier()
+            dist.destroy_process_group()
+
+    def describe(self) -> str:
+        return (
+            f"host={socket.gethostname()} pid={os.getpid()} env={self.env.kind} "
+            f"rank={self.rank}/{self.world_size} device={self.device}"
+        )
+
+    # ---- model ---------------------------------------------------------------------------------
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Move to device, shard (FSDP2, per block) or replicate (DDP), then compile in place."""
+        model.to(self.device)
+        if self.fsdp:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = None
+            if self.cfg.dtype == "bfloat16" and self.device_type == "cuda":
+                mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            kwargs = {"mp_policy": mp} if mp else {}
+            for block in getattr(model, "layers", []):
+                fully_shard(block, **kwargs)
+            fully_shard(model, **kwargs)
+        elif self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device_type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        if self.cfg.compile:
+            model.compile()
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast, unless FSDP's mixed-precision policy already casts (GPU)."""
+        if self.cfg.dtype != "bfloat16" or (self.fsdp and self.device_type == "cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16)
+
+    @contextlib.contextmanager
+    def gradient_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
+        """Skip the gradient all-reduce on non-final accumulation micro-steps."""
+        if sync or self.world_size == 1:
+            yield
+        elif self.fsdp:
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        else:
+            with model.no_sync():
+                yield
+
+    # ---- collectives ---------------------------------------------------------------------------
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Reduce a few python floats across ranks (one small collective)."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()

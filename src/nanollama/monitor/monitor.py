@@ -1,0 +1,213 @@
+"""`Monitor`: the plumbing around a training loop, as one context manager.
+
+It owns the log dir (config.yaml, logs/, metrics/, checkpoints/, wandb/), and after every
+optimizer step `end_step` logs metrics, writes the profiler row, checks the loss is finite,
+honours preemption signals and saves checkpoints. `resume` restores everything a run needs to
+continue exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, to_dict, to_yaml
+from ..distributed import Cluster
+from .checkpoint import CheckpointConfig, Checkpointer, latest_checkpoint, rng_state, set_rng_state
+from .logger import JsonlWriter, LoggingConfig, process_info, setup_logging
+from .preemption import PreemptionHandler
+from .profiler import HeavyProfiler, LightProfiler, ProfilerConfig
+from .wandb import WandbConfig, WandbLogger
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OrchestrationConfig:
+    name: str = "debug"  # run name
+    log_dir: str = ""  # the one folder of the run; empty: runs/{name}
+    seed: int = 0  # global seed
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+
+    def check(self) -> None:
+        if not self.name:
+            raise ConfigError("name", "must not be empty")
+        if self.log_dir and Path(self.log_dir).exists() and not Path(self.log_dir).is_dir():
+            raise ConfigError("log_dir", f"{self.log_dir} exists and is not a folder")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became nan or inf; the run stops and keeps its last good checkpoint."""
+
+
+class Monitor:
+    def __init__(self, cfg: OrchestrationConfig, cluster: Cluster, run_config: Any, total_steps: int):
+        if not cfg.log_dir:
+            cfg.log_dir = f"runs/{cfg.name}"
+        self.cfg, self.cluster, self.run_config = cfg, cluster, run_config
+        self.total_steps = total_steps
+        self.log_dir = Path(cfg.log_dir)
+        self.rank = cluster.rank
+        self.step = 0
+        self.stop = False
+        self.objects: dict[str, Any] = {}
+        self._stack = ExitStack()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def __enter__(self) -> Monitor:
+        metrics = self.log_dir / "metrics"
+        for sub in ("metrics", "checkpoints", "logs"):
+            (self.log_dir / sub).mkdir(parents=True, exist_ok=True)
+        setup_logging(self.log_dir / "logs", self.rank, self.cfg.logging.level)
+        if self.cluster.is_main:
+            _write_atomic(self.log_dir / "config.yaml", to_yaml(self.run_config))
+        logger.info(f"{self.cluster.describe()}, {process_info()}")
+        logger.info(f"log dir: {self.log_dir.resolve()}")
+        enter = self._stack.enter_context
+        world = self.cluster.world_size
+        self.checkpointer = enter(
+            Checkpointer(self.cfg.checkpoint, self.log_dir / "checkpoints", self.rank, world)
+        )
+        self.raw = enter(JsonlWriter(metrics / f"raw_{self.rank}.jsonl"))
+        self.evals = enter(JsonlWriter(metrics / f"eval_{self.rank}.jsonl"))
+        device = self.cluster.device
+        profile_csv = metrics / f"profile_{self.rank}.csv"
+        self.profiler = enter(LightProfiler(self.cfg.profiler.light, profile_csv, device, self.total_steps))
+        self.heavy = enter(
+            HeavyProfiler(self.cfg.profiler.heavy, self.log_dir / "profiler", self.rank, device)
+        )
+        self.wandb = enter(
+            WandbLogger(
+                self.cfg.wandb, self.log_dir, self.cfg.name, to_dict(self.run_config), self.cluster.is_main
+            )
+        )
+        self.preemption = enter(PreemptionHandler())
+        self._tokens = 0
+        self._last_log = (time.perf_counter(), 0)
+        self._start = time.perf_counter()
+        self._start_step = 0
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and self.objects:
+                self.save_checkpoint()
+            elif exc_type is not None:
+                logger.error(f"run stopped at step {self.step}: {exc_type.__name__}: {exc}")
+        finally:
+            self._stack.close()
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any) -> int:
+        """Register what a checkpoint holds and restore the latest one if any; returns the step."""
+        self.objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader}
+        path = latest_checkpoint(self.log_dir / "checkpoints")
+        if path is not None:
+            state = self.checkpointer.load(path, model, optimizer)
+            scheduler.load_state_dict(state["scheduler"])
+            loader.load_state_dict(state["data"])
+            self.profiler.load_state_dict(state["profiler"])
+            self.raw.load_state_dict(state["raw_metrics"])
+            self.evals.load_state_dict(state["eval_metrics"])
+            set_rng_state(state["rng"])
+            self.step = state["step"]
+        else:  # a restart before any checkpoint starts over: drop what the dead run wrote
+            for part in (self.profiler, self.raw, self.evals):
+                part.load_state_dict({"offset": 0})
+        self._start_step = self.step
+        self.heavy.start(self.step)
+        return self.step
+
+    def rank_state(self) -> dict:
+        return {
+            "step": self.step,
+            "scheduler": self.objects["scheduler"].state_dict(),
+            "data": self.objects["loader"].state_dict(),
+            "profiler": self.profiler.state_dict(),
+            "raw_metrics": self.raw.state_dict(),
+            "eval_metrics": self.evals.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def save_checkpoint(self, eval_flag: bool = False) -> Path:
+        o = self.objects
+        return self.checkpointer.save(self.step, o["model"], o["optimizer"], self.rank_state(), eval_flag)
+
+    # ---- per step ------------------------------------------------------------------------------
+
+    def phase(self, name: str):
+        return self.profiler.phase(name)
+
+    def log_eval(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **metrics}
+        self.evals.write(record)
+        self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        logger.info("eval " + " ".join(f"{k}={_short(v)}" for k, v in record.items()))
+
+    def end_step(
+        self, step: int, loss: float, tokens: int, eval_checkpoint: bool = False, **metrics: float
+    ) -> None:
+        """Call after each optimizer step with the rank's loss and the global tokens of the step.
+
+        `eval_checkpoint` saves an eval-flagged checkpoint, for an evaluation outside this job.
+        """
+        self.step = step
+        self._tokens += tokens
+        with self.phase("monitor"):
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step}; last good checkpoint: "
+                    f"{latest_checkpoint(self.log_dir / 'checkpoints') or 'none'}"
+                )
+            if step % self.cfg.logging.period == 0 or step == self.total_steps:
+                self._log_metrics(step, loss, metrics)
+            preempted = self.cluster.all_reduce([float(self.preemption.requested)], op="max")[0] > 0
+        self.profiler.end_step(step, tokens)
+        self.heavy.step()
+        if self.heavy.trace_path is not None:
+            self.wandb.save_file(self.heavy.trace_path)
+            self.heavy.trace_path = None
+        period = self.cfg.checkpoint.period
+        if preempted or eval_checkpoint or (period > 0 and step % period == 0):
+            self.save_checkpoint(eval_flag=eval_checkpoint)
+        if preempted:
+            logger.warning(f"preempted: checkpoint saved at step {step}, exiting")
+            self.stop = True
+
+    def _log_metrics(self, step: int, loss: float, metrics: dict) -> None:
+        now = time.perf_counter()
+        mean_loss = self.cluster.all_reduce([loss])[0] / self.cluster.world_size
+        elapsed = now - self._start
+        done = step - self._start_step
+        record = {"step": step, "loss": mean_loss, "rank_loss": loss, **metrics}
+        last_time, last_tokens = self._last_log
+        record["tokens_per_s"] = (self._tokens - last_tokens) / max(now - last_time, 1e-9)
+        self._last_log = (now, self._tokens)
+        record["eta_s"] = elapsed / max(done, 1) * (self.total_steps - step)
+        self.raw.write(record)
+        self.wandb.log(record, step=step)
+        logger.info(" ".join(f"{k}={_short(v)}" for k, v in record.items()))
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

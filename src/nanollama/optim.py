@@ -1,0 +1,164 @@
+"""AdamW with weight-decay param groups, warmup + LR schedules, and gradient clipping.
+
+Schedules are pure functions of the optimizer step (`lr_factor`), so they are easy to test, plot and
+resume: a `LambdaLR` only needs its `last_epoch` back to continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+
+SCHEDULERS = ("constant", "linear", "cosine", "wsd", "inv_sqrt")
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1000  # total optimizer steps
+    lr: float = 1e-3  # peak LR
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0  # max grad norm; 0 disables clipping (the norm is still computed and returned)
+    accumulation_steps: int = 1  # micro-batches per optimizer step
+    scheduler: str = "cosine"  # constant | linear | cosine | wsd | inv_sqrt
+    warmup: float = 0.0  # >= 1: steps; in [0, 1): fraction of `steps`
+    decay: float = 0.2  # wsd only: length of the final decay phase (>= 1: steps; < 1: fraction of steps)
+    min_lr_ratio: float = 0.0  # floor as a fraction of lr (for linear, cosine, wsd, inv_sqrt)
+
+    @property
+    def warmup_steps(self) -> int:
+        return _to_steps(self.warmup, self.steps)
+
+    @property
+    def decay_steps(self) -> int:
+        return _to_steps(self.decay, self.steps)
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        for key in ("weight_decay", "clip"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(key, f"must be in [0, 1), got {getattr(self, key)}")
+        if not self.eps > 0:
+            raise ConfigError("eps", f"must be > 0, got {self.eps}")
+        if self.accumulation_steps < 1:
+            raise ConfigError("accumulation_steps", f"must be >= 1, got {self.accumulation_steps}")
+        if self.scheduler not in SCHEDULERS:
+            choices = ", ".join(SCHEDULERS)
+            raise ConfigError("scheduler", f"unknown scheduler '{self.scheduler}' (choose from {choices})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check_length("warmup", self.warmup, self.steps)
+        if self.scheduler == "wsd":
+            _check_length("decay", self.decay, self.steps)
+            if self.warmup_steps + self.decay_steps > self.steps:
+                raise ConfigError(
+                    "decay",
+                    f"warmup ({self.warmup_steps} steps) + decay ({self.decay_steps} steps) "
+                    f"exceed steps ({self.steps})",
+                )
+
+
+def _to_steps(length: float, steps: int) -> int:
+    """A phase length given either in steps (>= 1) or as a fraction of `steps` (< 1)."""
+    return int(length) if length >= 1 else round(length * steps)
+
+
+def _check_length(key: str, length: float, steps: int) -> None:
+    if not length >= 0:
+        raise ConfigError(key, f"must be >= 0, got {length}")
+    if length >= 1 and length != int(length):
+        raise ConfigError(key, f"a length >= 1 counts steps and must be a whole number, got {length}")
+    if _to_steps(length, steps) > steps:
+        raise ConfigError(key, f"{_to_steps(length, steps)} steps exceed optim.steps ({steps})")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only matrices (weights, embeddings); norm gains, biases and other 1-D params are left alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel only on CUDA, where it exists and pays off."""
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=device_type == "cuda",
+    )
+
+
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """Multiplier of `cfg.lr` at optimizer step `step` (0-based).
+
+    Warmup is linear, reaching 1 at step `warmup - 1` (it starts at 1/warmup, not 0, so no step is
+    wasted); the schedule then runs from 1 at step `warmup` to `min_lr_ratio` at step `steps`.
+    """
+    warmup = cfg.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    floor = cfg.min_lr_ratio
+    if cfg.scheduler == "constant":
+        return 1.0
+    if cfg.scheduler == "inv_sqrt":
+        # Noam: continuous with warmup at its peak; with no warmup, decay from step 1 on.
+        scale = max(warmup, 1)
+        return max(floor, math.sqrt(scale / max(step, scale)))
+    if cfg.scheduler == "wsd":
+        start = cfg.steps - cfg.decay_steps
+        if step < start:
+            return 1.0
+        return floor + (1 - floor) * (1 - _progress(step, start, cfg.steps))
+    progress = _progress(step, warmup, cfg.steps)
+    if cfg.scheduler == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    if cfg.scheduler == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown scheduler '{cfg.scheduler}'")
+
+
+def _progress(step: int, start: int, end: int) -> float:
+    """Fraction of [start, end] done at `step`, clamped to [0, 1] (steps past the end stay at the floor)."""
+    if end <= start:
+        return 1.0
+    return min(max((step - start) / (end - start), 0.0), 1.0)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Call `.step()` once per optimizer step; the LR of step i is `cfg.lr * lr_factor(i, cfg)`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Total gradient norm (for logging), clipping gradients to `max_norm` unless it is 0.
+
+    Under FSDP2 the gradients are sharded DTensors and the norm is a DTensor too: it is gathered with
+    `full_tensor()` so every rank clips with, and reports, the same global norm.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
