@@ -138,6 +138,13 @@ def test_torchrun_resume_and_rank_data(tmp_path, parallelism):
     rank1 = read_jsonl(full / "metrics" / "raw_1.jsonl")[0]["rank_loss"]
     assert rank0 != rank1  # same weights at step 1, so different losses mean different data
     assert profile_steps(resumed, 1) == list(range(1, 7))
+    # the consolidated model.pt of a sharded run evaluates, in one process, to the in-loop result
+    in_loop = read_jsonl(full / "metrics" / "eval_0.jsonl")[-1]
+    out = run_module("src.apps.gssm.eval", f"config={full}/config.yaml")
+    assert out.returncode == 0, out.stderr[-2000:]
+    offline = read_jsonl(full / "metrics" / "eval_0.jsonl")[-1]
+    assert offline["step"] == in_loop["step"] == 6
+    assert offline["loss"] == pytest.approx(in_loop["loss"], rel=1e-5)
 
 
 def test_sigterm_checkpoints_and_resumes_exactly(tmp_path):
