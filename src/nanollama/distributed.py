@@ -152,7 +152,7 @@ class Cluster:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device_type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids)
+            model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)  # RoPE tables only
         if self.cfg.compile:
             model.compile()
         return model

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from src.nanollama.config import ConfigError
-from src.nanollama.model.attention import BACKENDS, attend
-from src.nanollama.model.rope import RotaryEmbedding, apply_rope
+from ..config import ConfigError
+from .attention import BACKENDS, attend
+from .rope import RotaryEmbedding, apply_rope
 
 
 @dataclass
@@ -136,24 +136,24 @@ class Transformer(nn.Module):
         """Careful init: N(0, init_std) everywhere, residual-branch outputs scaled by 1/sqrt(2 n_layers)
         so the residual stream's variance does not grow with depth; norms to 1. Deterministic given
         torch's RNG; also materialises a model built on the meta device (RoPE tables included)."""
-        std = self.cfg.init_std
+        std, residual_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
         for layer in self.layers:
-            for linear in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj):
+            attn, mlp = layer.attn, layer.mlp
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
                 nn.init.normal_(linear.weight, std=std)
-            for linear in (layer.mlp.gate_proj, layer.mlp.up_proj):
-                nn.init.normal_(linear.weight, std=std)
-            for linear in (layer.attn.o_proj, layer.mlp.down_proj):
-                nn.init.normal_(linear.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
+            for linear in (attn.o_proj, mlp.down_proj):  # the writes into the residual stream
+                nn.init.normal_(linear.weight, std=residual_std)
             nn.init.ones_(layer.attn_norm.weight)
             nn.init.ones_(layer.mlp_norm.weight)
         nn.init.ones_(self.norm.weight)
-        self.rope.reset()
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, std=std)
+        self.rope.reset()
 
     def trunk(self, h: Tensor) -> Tensor:
-        """Blocks and final norm on embeddings (B, T, dim): for apps that bring their own inputs or heads."""
+        """Blocks and final norm on embeddings h (B, T, dim) at positions 0..T-1: for apps that bring
+        their own inputs (e.g. image patches) or heads (e.g. a classifier)."""
         cos, sin = self.rope(h.shape[1])
         for layer in self.layers:
             h = layer(h, cos, sin)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from src.nanollama.config import ConfigError, build_config
+from src.nanollama.hf import to_hf_name
 from src.nanollama.model import attention
 from src.nanollama.model.attention import flex_backward_available
 from src.nanollama.model.rope import RotaryEmbedding, rope_tables
@@ -16,6 +17,8 @@ from src.nanollama.model.transformer import Transformer, TransformerConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 61
+# Eager flex on CPU is unfused by design here; attention.py silences this, but pytest resets filters.
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
 def make(seed: int = 0, **kwargs) -> Transformer:
@@ -25,23 +28,6 @@ def make(seed: int = 0, **kwargs) -> Transformer:
 
 def tokens(B: int = 2, T: int = 24, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def to_hf_name(name: str) -> str:
-    """Our parameter name -> HF LlamaForCausalLM's: a future HF export is exactly this renaming."""
-    if name == "norm.weight":
-        return "model.norm.weight"
-    if name == "output.weight":
-        return "lm_head.weight"
-    for ours, theirs in [
-        ("tok_embeddings.", "model.embed_tokens."),
-        ("layers.", "model.layers."),
-        (".attn.", ".self_attn."),
-        (".attn_norm.", ".input_layernorm."),
-        (".mlp_norm.", ".post_attention_layernorm."),
-    ]:
-        name = name.replace(ours, theirs)
-    return name
 
 
 def test_shapes_and_dtype():
@@ -91,6 +77,8 @@ def test_new_masks_need_only_a_mask_mod(monkeypatch):
     for backend in attention.BACKENDS:
         got = attention.attend(q, k, v, "causal_via_mask_mod", backend)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    block_mask = attention.cached_mask("causal", 40, torch.device("cpu"), block=True)
+    assert attention.cached_mask("causal", 40, torch.device("cpu"), block=True) is block_mask  # built once
 
 
 def test_flex_backward_only_off_cpu():

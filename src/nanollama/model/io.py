@@ -1,0 +1,90 @@
+"""Rebuild a trained Transformer from a checkpoint folder alone, without the app that trained it.
+
+A folder holds its weights in `model.pt` (our parameter names) and describes its model either by its
+own `model.yaml` (a TransformerConfig, e.g. written by `src.nanollama.hf import`) or by the run's
+resolved `config.yaml` two levels up (`<log_dir>/checkpoints/<step>/` -> `<log_dir>/config.yaml`,
+`model:` section), so notebooks, evaluation and export read every checkpoint the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import ConfigError, build_config, read_yaml, to_yaml
+from .transformer import Transformer, TransformerConfig
+
+MODEL_YAML = "model.yaml"
+WEIGHTS = "model.pt"
+RUN_CONFIG = "config.yaml"
+
+
+def model_config_file(folder: str | os.PathLike, key: str = "checkpoint") -> Path:
+    """The file that describes the model of `folder`: its own model.yaml, else the run's config.yaml."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(key, f"checkpoint folder not found: {folder}")
+    for candidate in (folder / MODEL_YAML, folder.parent.parent / RUN_CONFIG):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(key, f"{folder} has neither {MODEL_YAML} nor ../../{RUN_CONFIG} describing its model")
+
+
+def load_model_config(folder: str | os.PathLike, key: str = "checkpoint") -> TransformerConfig:
+    """The validated TransformerConfig of a checkpoint folder, vocab_size included."""
+    file = model_config_file(folder, key)
+    data = read_yaml(file)
+    if file.name == RUN_CONFIG:
+        data = data.get("model")
+        if not isinstance(data, dict):
+            raise ConfigError("model", f"no model: section in {file}")
+    try:
+        cfg = build_config(TransformerConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"model.{e.key}", f"{e.message} (in {file})") from None
+    if cfg.vocab_size <= 0:
+        raise ConfigError("model.vocab_size", f"must be set (> 0) in {file}")
+    return cfg
+
+
+def load_weights(folder: str | os.PathLike, key: str = "checkpoint") -> dict[str, Tensor]:
+    """The consolidated state dict (`model.pt`) of a checkpoint folder, on CPU."""
+    file = Path(folder) / WEIGHTS
+    if not file.is_file():
+        raise ConfigError(key, f"no {WEIGHTS} in {folder}")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def check_weights(cfg: TransformerConfig, state: dict[str, Tensor], where: str) -> None:
+    """Names and shapes against the model `cfg` builds (on the meta device: no memory, no init), so a
+    mismatch is one line naming the tensor instead of load_state_dict's multi-line report."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ConfigError(where, f"weights do not match the model config: {what}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ConfigError(where, f"{name} has shape {tuple(state[name].shape)}, the config gives {shape}")
+
+
+def load_model(folder: str | os.PathLike, key: str = "checkpoint") -> Transformer:
+    """A Transformer with the weights of a checkpoint folder, on CPU, in eval mode."""
+    cfg = load_model_config(folder, key)
+    state = load_weights(folder, key)
+    check_weights(cfg, state, str(Path(folder) / WEIGHTS))
+    model = Transformer(cfg)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def save_model(folder: str | os.PathLike, cfg: TransformerConfig, state: dict[str, Tensor]) -> None:
+    """Write `model.pt` and `model.yaml` into an existing folder: a checkpoint readable by load_model."""
+    folder = Path(folder)
+    torch.save(state, folder / WEIGHTS)
+    (folder / MODEL_YAML).write_text(to_yaml(cfg))
