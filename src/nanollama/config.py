@@ -36,6 +36,10 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.message)
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (e.g. a non-finite loss): one line on stderr and exit code 1."""
+
+
 def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
     """Split `config=PATH key=value ...` into the YAML path and the dotted overrides."""
     path, overrides = None, []
@@ -116,7 +120,7 @@ def to_yaml(cfg: Any) -> str:
 
 
 def cli_main(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a script's main: bad input is one line on stderr and exit code 2."""
+    """Wrap a script's main: bad input is one line on stderr and exit code 2, a `RunError` exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -125,5 +129,8 @@ def cli_main(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except RunError as e:
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(1)
 
     return wrapper

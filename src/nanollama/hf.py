@@ -6,8 +6,10 @@
 Our parameters have HF Llama's shapes and RoPE convention, so conversion is a pure renaming of
 tensors. config.json also carries our full TransformerConfig under "nanollama" (HF keeps unknown
 keys), so that a round trip gives back the same config, down to the attention backend; an HF folder
-without it (or whose HF fields were edited since) is read from the HF fields alone. Export needs
-only safetensors and json; nothing here imports transformers, which training never needs.
+without it (or whose HF fields were edited since) is read from the HF fields alone. RoPE scaling:
+linear and yarn are HF's rope types of those names, static NTK is plain RoPE with its larger base
+(`to_hf_rope`). Export needs only safetensors and json; nothing here imports transformers, which
+training never needs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import Tensor
 
 from .config import ConfigError, build_config, cli_main, to_dict
 from .model.io import WEIGHTS, check_weights, load_model_config, load_weights, save_model
+from .model.rope import RopeScaling, ntk_theta, rope_frequencies
 from .model.transformer import TransformerConfig
 
 HF_CONFIG = "config.json"
@@ -35,6 +38,14 @@ HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 # Our RoPE tables grow on demand: this only tells HF tools a usable context length.
 MAX_POSITION_EMBEDDINGS = 4096
+# Keys of HF's rope_scaling that our RoPE cannot represent, unless they hold the value that changes nothing.
+_HF_ROPE_NEUTRAL = {
+    "attention_factor": None,
+    "mscale": None,
+    "mscale_all_dim": None,
+    "truncate": True,
+    "partial_rotary_factor": 1.0,
+}
 
 # Whole-name renamings, then the module names inside `layers.{i}.` (ours -> HF's).
 _TOP = {
@@ -115,10 +126,8 @@ def to_hf_config(cfg: TransformerConfig, dtype: str = "float32") -> dict[str, An
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        **to_hf_rope(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
         "attention_bias": False,
         "mlp_bias": False,
         "bos_token_id": None,  # no tokenizer comes with the model: Llama's defaults (1, 2) would lie
@@ -128,13 +137,51 @@ def to_hf_config(cfg: TransformerConfig, dtype: str = "float32") -> dict[str, An
     }
 
 
-def _hf_rope_theta(hf: dict[str, Any], file: Path) -> float:
-    """transformers 5 writes `rope_parameters`, 4 writes `rope_theta` + `rope_scaling`; we have plain RoPE."""
+def to_hf_rope(cfg: TransformerConfig) -> dict[str, Any]:
+    """rope_theta, rope_scaling and max_position_embeddings of a LlamaConfig with our RoPE's exact tables.
+
+    linear and yarn are HF's rope types of the same name (same formulas, HF's defaults for the rest);
+    static NTK is plain RoPE with a larger base, which is how it is exported (HF's "dynamic" NTK
+    recomputes the base from the sequence length, a different function). rope_scaling, not
+    rope_parameters: transformers 4 reads only the former, 5 reads either.
+    """
+    scaling = RopeScaling.of(cfg)
+    if scaling.plain or scaling.kind == "ntk":
+        theta = cfg.rope_theta if scaling.plain else ntk_theta(cfg.rope_theta, scaling.factor, cfg.head_dim)
+        return {"rope_theta": theta, "rope_scaling": None, "max_position_embeddings": MAX_POSITION_EMBEDDINGS}
+    hf_scaling: dict[str, Any] = {"rope_type": scaling.kind, "factor": scaling.factor}
+    max_positions = MAX_POSITION_EMBEDDINGS
+    if scaling.kind == "yarn":
+        hf_scaling["original_max_position_embeddings"] = scaling.original_length
+        hf_scaling |= {"beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow}
+        # transformers 4 takes yarn's factor as max_position_embeddings / original: make them agree.
+        max_positions = round(scaling.factor * scaling.original_length)
+    return dict(rope_theta=cfg.rope_theta, rope_scaling=hf_scaling, max_position_embeddings=max_positions)
+
+
+def _hf_rope(hf: dict[str, Any], file: Path) -> dict[str, Any]:
+    """Our rope_* fields from a LlamaConfig dict; transformers 5 writes `rope_parameters`, 4 writes
+    `rope_theta` + `rope_scaling`. Only what our tables reproduce exactly: default, linear, yarn."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ConfigError("hf", f"{file}: rope type {kind!r} is not supported (plain RoPE only)")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    fields: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind not in ("default", "linear", "yarn"):
+        raise ConfigError("hf", f"{file}: rope type {kind!r} is not supported (default, linear, yarn only)")
+    for key, neutral in _HF_ROPE_NEUTRAL.items():
+        if rope.get(key, hf.get(key, neutral)) != neutral:
+            value = rope.get(key, hf.get(key))
+            raise ConfigError("hf", f"{file}: rope type {kind!r} with {key}={value!r} is not supported")
+    if kind == "default":
+        return fields
+    if rope.get("factor") is None:
+        raise ConfigError("hf", f"{file}: rope type {kind!r} without a factor is not supported")
+    fields |= {"rope_scaling": kind, "rope_factor": float(rope["factor"])}
+    if kind == "yarn":  # HF's defaults where a key is absent
+        original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+        fields["rope_original_length"] = int(original or hf.get("max_position_embeddings", 0))
+        fields["rope_beta_fast"] = float(rope.get("beta_fast") or 32)
+        fields["rope_beta_slow"] = float(rope.get("beta_slow") or 1)
+    return fields
 
 
 def from_hf_config(hf: dict[str, Any], file: Path) -> TransformerConfig:
@@ -154,7 +201,7 @@ def from_hf_config(hf: dict[str, Any], file: Path) -> TransformerConfig:
             n_heads=n_heads,
             n_kv_heads=0 if kv_heads == n_heads else kv_heads,
             ffn_dim=0 if TransformerConfig(dim=dim).hidden_dim == hidden else hidden,
-            rope_theta=_hf_rope_theta(hf, file),
+            **_hf_rope(hf, file),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         )
@@ -183,10 +230,17 @@ def _saved_config(hf: dict[str, Any]) -> TransformerConfig | None:
 
 
 def _same_model(a: TransformerConfig, b: TransformerConfig) -> bool:
-    """Same computation (fields like attention, init_std or multiple_of may differ)."""
-    keys = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "rope_theta", "norm_eps")
+    """Same computation (fields like attention, init_std or multiple_of may differ; RoPE compares by
+    its frequencies, so an NTK model exported as plain RoPE with a larger base is the same model)."""
+    keys = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "norm_eps")
     keys += ("tie_embeddings", "causal")
-    return all(getattr(a, k) == getattr(b, k) for k in keys)
+    return all(getattr(a, k) == getattr(b, k) for k in keys) and _same_rope(a, b)
+
+
+def _same_rope(a: TransformerConfig, b: TransformerConfig) -> bool:
+    freq_a, factor_a = rope_frequencies(a.head_dim, a.rope_theta, RopeScaling.of(a))
+    freq_b, factor_b = rope_frequencies(b.head_dim, b.rope_theta, RopeScaling.of(b))
+    return factor_a == factor_b and freq_a.shape == freq_b.shape and bool((freq_a == freq_b).all())
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -1,4 +1,4 @@
-"""The Bayes-optimal loss of a GSSM: exact log p(x_t | x_<t) by the forward algorithm over the joint hidden state.
+"""The Bayes-optimal loss of a GSSM: exact log p(x_t | x_<t), forward algorithm over the joint hidden state.
 
 The joint hidden state H stacks the hidden nodes that are ancestors of the observed node (the others never
 influence the tokens, so they are marginalised out for free). One time step applies each node's
@@ -75,7 +75,7 @@ def bayes_loss(gssm: GSSM, sample: Sample) -> float:
 
 
 def _node_tensor(gssm: GSSM, node: Node, sample: Sample) -> np.ndarray:
-    """p(z | inputs) with one axis per input, then the node's own axis; a leading batch axis if per sequence."""
+    """p(z | inputs), one axis per input then the node's own axis; a leading batch axis if per sequence."""
     table = conditional_table(node, gssm.node_kernels(node.name, sample))
     return table.reshape(table.shape[:-2] + node.in_dims + (node.dim,))
 

@@ -127,14 +127,35 @@ def build_stream(cfg: DataConfig, gssm: GSSM, batch_size: int, seed: int, rank: 
     return GeneratedStream(gssm, batch_size, cfg.seq_len, seed, rank)
 
 
+def eval_seq_len(cfg: DataConfig, seq_len: int = 0) -> int:
+    """The evaluation length: 0 means the training one; other lengths are generated on the fly, since a
+    dataset on disk holds one length only."""
+    if cfg.path and seq_len not in (0, cfg.seq_len):
+        raise ConfigError(
+            "evaluation.seq_len",
+            f"{seq_len} != data.seq_len {cfg.seq_len}: {cfg.path} holds one length (other lengths need "
+            "generated data, data.path='')",
+        )
+    return seq_len or cfg.seq_len
+
+
 def eval_batches(
-    cfg: DataConfig, gssm: GSSM, n_sequences: int, batch_size: int, seed: int, rank: int, world: int
+    cfg: DataConfig,
+    gssm: GSSM,
+    n_sequences: int,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world: int,
+    seq_len: int = 0,
 ):
     """The same held-out (tokens, Bayes log-probs) batches at every evaluation, whatever the world size.
 
     Each global batch is split evenly across ranks (a remainder is dropped), so every rank runs the
-    same number of forward passes, as FSDP requires.
+    same number of forward passes, as FSDP requires. `seq_len` (0: data.seq_len) sets the positions
+    of generated sequences, e.g. longer than training to test length extrapolation.
     """
+    seq_len = eval_seq_len(cfg, seq_len)
     if cfg.path:
         tokens = np.load(Path(cfg.path) / "test.npy", mmap_mode="r")
         bayes = np.load(Path(cfg.path) / "test_bayes.npy", mmap_mode="r")
@@ -148,7 +169,7 @@ def eval_batches(
         if cfg.path:
             batch_tokens, batch_bayes = tokens[start : start + size], bayes[start : start + size]
         else:
-            sample = gssm.sample(size, cfg.seq_len + 1, rng)
+            sample = gssm.sample(size, seq_len + 1, rng)
             batch_tokens, batch_bayes = sample.tokens, conditional_logprobs(gssm, sample)
         rows = slice(rank, size - size % world, world)
         yield torch.from_numpy(np.asarray(batch_tokens[rows], dtype=np.int64)), np.asarray(batch_bayes[rows])

@@ -3,13 +3,19 @@
     python -m src.apps.gssm.eval config=<run log dir>/config.yaml [checkpoint=<checkpoint dir>]
 
 Without `checkpoint`, the latest checkpoint of `orchestration.log_dir` is evaluated. The result is
-appended to `metrics/eval_{rank}.jsonl` of the run and printed.
+appended to `metrics/eval_{rank}.jsonl` of the run and printed, with the evaluation length and the
+RoPE scaling it used: any run can be evaluated past its training length, e.g. at 4x with YaRN,
+
+    python -m src.apps.gssm.eval config=<run>/config.yaml evaluation.seq_len=256 \
+        evaluation.position_buckets=4 model.rope_scaling=yarn model.rope_factor=4 \
+        model.rope_original_length=64
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 from ...nanollama.config import ConfigError, cli_main, load_config
@@ -21,9 +27,12 @@ from ...nanollama.monitor.checkpoint import (
     load_model_weights,
 )
 from ...nanollama.monitor.logger import JsonlWriter
-from .evaluation import evaluate
+from .evaluation import bucket_edges, check_evaluation, evaluate
 from .generator import GSSM
 from .train import TrainConfig, build_model, set_vocab_size
+
+# Recorded on every eval line: a checkpoint may be evaluated with another RoPE scaling than it trained with.
+ROPE_KEYS = ("rope_scaling", "rope_factor", "rope_original_length")
 
 
 @dataclass
@@ -46,6 +55,7 @@ def find_checkpoint(cfg: EvalRunConfig) -> Path:
 
 
 def run_eval(cfg: EvalRunConfig) -> dict:
+    check_evaluation(cfg)
     path = find_checkpoint(cfg)
     log_dir = path.parent.parent
     with ExitStack() as stack:
@@ -58,6 +68,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
         result = {
             "step": checkpoint_step(path),
             **evaluate(model, gssm, cfg, cluster),
+            **{key: getattr(cfg.model, key) for key in ROPE_KEYS},
             "checkpoint": str(path),
         }
         with JsonlWriter(log_dir / "metrics" / f"eval_{cluster.rank}.jsonl") as writer:
@@ -65,12 +76,27 @@ def run_eval(cfg: EvalRunConfig) -> dict:
         cluster.barrier()
         if cluster.is_main:
             clear_eval_flag(path)
-            r = result
-            print(
-                f"step {r['step']}: eval loss {r['loss']:.4f}, bayes loss {r['bayes_loss']:.4f}, "
-                f"gap {r['gap']:.4f} nats/token ({r['n_tokens']} tokens)"
-            )
+            print(report(result, cfg))
     return result
+
+
+def report(r: dict, cfg: EvalRunConfig) -> str:
+    """The console summary: one line, then the length and RoPE when not the training ones, and buckets."""
+    lines = [
+        f"step {r['step']}: eval loss {r['loss']:.4f}, bayes loss {r['bayes_loss']:.4f}, "
+        f"gap {r['gap']:.4f} nats/token ({r['n_tokens']} tokens)"
+    ]
+    if r["seq_len"] != cfg.data.seq_len or r["rope_scaling"] != "none":
+        scaling, factor = r["rope_scaling"], r["rope_factor"]
+        rope = "plain rope" if scaling == "none" else f"rope {scaling} x{factor:g}"
+        lines.append(f"  at seq_len {r['seq_len']} (trained at {cfg.data.seq_len}), {rope}")
+    buckets = cfg.evaluation.position_buckets
+    for i, (lo, hi) in enumerate(pairwise(bucket_edges(r["seq_len"], buckets) if buckets else [])):
+        lines.append(
+            f"  positions {lo:>5}-{hi - 1:<5} loss {r[f'loss_pos_{i}']:.4f}, "
+            f"bayes loss {r[f'bayes_loss_pos_{i}']:.4f}, gap {r[f'gap_pos_{i}']:.4f}"
+        )
+    return "\n".join(lines)
 
 
 @cli_main

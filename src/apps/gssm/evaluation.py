@@ -1,17 +1,25 @@
-"""Held-out evaluation: the model's loss beside the Bayes-optimal loss on the same sequences."""
+"""Held-out evaluation: the model's loss beside the Bayes-optimal loss on the same sequences.
+
+`evaluation.seq_len` evaluates on sequences longer (or shorter) than training, and
+`evaluation.position_buckets` splits every figure by position, e.g. to see where a model trained at
+length L breaks down at 4L, beside the Bayes loss of the same positions (which is not flat: early
+positions have less context).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ...nanollama.config import ConfigError
 from ...nanollama.distributed import Cluster
-from .data import eval_batches
+from .data import eval_batches, eval_seq_len
 from .generator import GSSM
 
 if TYPE_CHECKING:
@@ -26,26 +34,70 @@ class EvaluationConfig:
     asynchronous: bool = (
         False  # save an eval-flagged checkpoint for `eval.py` instead of evaluating in the loop
     )
+    seq_len: int = 0  # positions per held-out sequence (0: data.seq_len); longer: length extrapolation
+    position_buckets: int = 0  # k > 0: also loss, bayes_loss and gap over k equal buckets of positions
 
     def check(self) -> None:
         if self.period < 0:
             raise ConfigError("period", f"must be >= 0, got {self.period}")
         if self.batch_size < 1 or self.n_sequences < 0:
             raise ConfigError("batch_size", "batch_size must be >= 1 and n_sequences >= 0")
+        for key in ("seq_len", "position_buckets"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0 (0: default), got {getattr(self, key)}")
 
     def due(self, step: int, total_steps: int) -> bool:
         return step == total_steps or (self.period > 0 and step % self.period == 0)
 
 
+def check_evaluation(cfg: TrainConfig) -> int:
+    """Checks across sections, so that a script can refuse bad input at start-up rather than at its
+    first evaluation; returns the evaluation length."""
+    seq_len = eval_seq_len(cfg.data, cfg.evaluation.seq_len)
+    if cfg.evaluation.position_buckets > seq_len:
+        raise ConfigError(
+            "evaluation.position_buckets", f"{cfg.evaluation.position_buckets} > {seq_len} positions"
+        )
+    return seq_len
+
+
+def bucket_edges(seq_len: int, buckets: int) -> list[int]:
+    """Bucket i holds the predictions at positions edges[i] <= t < edges[i + 1] (t = 0 predicts the
+    second token); sizes differ by at most one when `buckets` does not divide seq_len."""
+    return [i * seq_len // buckets for i in range(buckets + 1)]
+
+
+def summarize(loss_sums: Tensor, bayes_sums: Tensor, n_sequences: int, buckets: int) -> dict[str, float]:
+    """Per-position sums (over every rank's sequences) -> the eval line: overall, then per bucket."""
+    seq_len = loss_sums.numel()
+    result = _losses(float(loss_sums.sum()), float(bayes_sums.sum()), n_sequences * seq_len, "")
+    result["seq_len"] = seq_len
+    edges = bucket_edges(seq_len, buckets) if buckets else []
+    for i, (lo, hi) in enumerate(pairwise(edges)):
+        loss, bayes = float(loss_sums[lo:hi].sum()), float(bayes_sums[lo:hi].sum())
+        result |= _losses(loss, bayes, n_sequences * (hi - lo), f"_pos_{i}")
+    return result
+
+
+def _losses(loss_sum: float, bayes_sum: float, count: int, suffix: str) -> dict[str, float]:
+    loss, bayes_loss = loss_sum / count, bayes_sum / count
+    values = {"loss": loss, "bayes_loss": bayes_loss, "gap": loss - bayes_loss, "n_tokens": int(count)}
+    return {key + suffix: value for key, value in values.items()}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, gssm: GSSM, cfg: TrainConfig, cluster: Cluster) -> dict[str, float]:
-    """Sums of losses and token counts are reduced across ranks, then divided once."""
-    was_training = model.training
-    model.eval()
-    loss_sum, bayes_sum, count = 0.0, 0.0, 0
+    """Per-position sums of losses and the number of sequences are reduced across ranks (one small
+    collective), then divided once, overall and per position bucket."""
     ev = cfg.evaluation
+    seq_len = check_evaluation(cfg)
     if ev.batch_size < cluster.world_size:
         raise ConfigError("evaluation.batch_size", f"must be >= world size {cluster.world_size}")
+    was_training = model.training
+    model.eval()
+    loss_sums = torch.zeros(seq_len, dtype=torch.float64)
+    bayes_sums = torch.zeros(seq_len, dtype=torch.float64)
+    n_sequences = 0
     batches = eval_batches(
         cfg.data,
         gssm,
@@ -54,16 +106,18 @@ def evaluate(model: nn.Module, gssm: GSSM, cfg: TrainConfig, cluster: Cluster) -
         cfg.orchestration.seed,
         cluster.rank,
         cluster.world_size,
+        seq_len,
     )
     for tokens, bayes_logprobs in batches:
         tokens = tokens.to(cluster.device)
         with cluster.autocast():
             logits = model(tokens[:, :-1])
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
-        loss_sum += losses.item()
-        bayes_sum += -float(bayes_logprobs[:, 1:].sum())
-        count += tokens[:, 1:].numel()
-    loss_sum, bayes_sum, count = cluster.all_reduce([loss_sum, bayes_sum, float(count)])
+        targets = tokens[:, 1:]
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        loss_sums += losses.view(targets.shape).sum(0).double().cpu()
+        bayes_sums -= torch.from_numpy(np.asarray(bayes_logprobs[:, 1:], dtype=np.float64)).sum(0)
+        n_sequences += targets.shape[0]
+    local = [*loss_sums.tolist(), *bayes_sums.tolist(), float(n_sequences)]
+    sums = torch.tensor(cluster.all_reduce(local), dtype=torch.float64)
     model.train(was_training)
-    loss, bayes_loss = loss_sum / count, bayes_sum / count
-    return {"loss": loss, "bayes_loss": bayes_loss, "gap": loss - bayes_loss, "n_tokens": int(count)}
+    return summarize(sums[:seq_len], sums[seq_len:-1], int(sums[-1]), ev.position_buckets)

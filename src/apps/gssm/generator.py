@@ -97,7 +97,7 @@ def _node_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def _swap_max_into(kernel: np.ndarray, columns: np.ndarray) -> None:
-    """In place: swap each row's largest entry with the entry in `columns[row]`, so that becomes the argmax."""
+    """In place: swap each row's largest entry with the one in `columns[row]`, which becomes the argmax."""
     target = np.broadcast_to(columns[:, None], kernel.shape[:-1] + (1,))
     top = kernel.argmax(-1)[..., None]
     top_value = np.take_along_axis(kernel, top, -1)

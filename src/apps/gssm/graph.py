@@ -37,7 +37,7 @@ class NodeConfig:
         if self.kernel_type not in KERNEL_TYPES:
             raise ConfigError(
                 "kernel_type",
-                f"{who}: unknown kernel_type '{self.kernel_type}' (expected one of {', '.join(KERNEL_TYPES)})",
+                f"{who}: unknown kernel_type '{self.kernel_type}' (one of {', '.join(KERNEL_TYPES)})",
             )
         min_dim = 2 if self.observed else 1
         if self.state_dim < min_dim:

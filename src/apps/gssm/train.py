@@ -25,7 +25,7 @@ from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm
 from .data import DataConfig, build_stream, micro_batch_size
-from .evaluation import EvaluationConfig, evaluate
+from .evaluation import EvaluationConfig, check_evaluation, evaluate
 from .generator import GSSM
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def train(cfg: TrainConfig) -> None:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         acc = cfg.optim.accumulation_steps
         micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, acc)
+        check_evaluation(cfg)
         gssm = GSSM(cfg.data.gssm)
         seed, rank = cfg.orchestration.seed, cluster.rank
         stream = build_stream(cfg.data, gssm, micro, seed, rank, cluster.world_size)
@@ -90,15 +91,16 @@ def train(cfg: TrainConfig) -> None:
         while step < cfg.optim.steps and not monitor.stop:
             model.train()
             loss_sum = torch.zeros((), device=cluster.device)
-            for micro_step in range(acc):
-                with monitor.phase("data"):
-                    tokens = next(stream).to(cluster.device, non_blocking=True)
-                with monitor.phase("model"), cluster.gradient_sync(model, micro_step == acc - 1):
-                    with cluster.autocast():
-                        logits = model(tokens[:, :-1])
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-                    (loss / acc).backward()
-                    loss_sum += loss.detach()
+            with monitor.probe.capture(model, step + 1):  # activation statistics every probe.period steps
+                for micro_step in range(acc):
+                    with monitor.phase("data"):
+                        tokens = next(stream).to(cluster.device, non_blocking=True)
+                    with monitor.phase("model"), cluster.gradient_sync(model, micro_step == acc - 1):
+                        with cluster.autocast():
+                            logits = model(tokens[:, :-1])
+                        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+                        (loss / acc).backward()
+                        loss_sum += loss.detach()
             with monitor.phase("optim"):
                 grad_norm = clip_grad_norm(model, cfg.optim.clip)
                 lr = scheduler.get_last_lr()[0]

@@ -13,8 +13,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from .attention import BACKENDS, attend
-from .rope import RotaryEmbedding, apply_rope
+from .attention import (
+    BACKENDS,
+    KVCache,
+    LayerCache,
+    Mask,
+    attend,
+    build_mask,
+    cache_mask,
+    document_mask,
+    get_mask_mod,
+    prefix_lm_mask,
+    static_mask,
+)
+from .rope import RopeScaling, RotaryEmbedding, apply_rope
 
 
 @dataclass
@@ -27,11 +39,17 @@ class TransformerConfig:
     ffn_dim: int = 0  # 0: Llama rule, 8/3 * dim rounded up to a multiple of `multiple_of`
     multiple_of: int = 32
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | linear | ntk | yarn: RoPE past the training length (see rope.py)
+    rope_factor: float = 1.0  # target length / training length (1: plain RoPE whatever the scaling)
+    rope_original_length: int = 0  # the training length the scaling refers to (yarn needs it)
+    rope_beta_fast: float = 32.0  # yarn: ramp bounds, in rotations over rope_original_length
+    rope_beta_slow: float = 1.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     causal: bool = True  # False: bidirectional encoder
     attention: str = "sdpa"  # sdpa | flex
     init_std: float = 0.02
+    sliding_window: int = 0  # > 0: causal attention to the last `sliding_window` positions only
 
     @property
     def head_dim(self) -> int:
@@ -65,13 +83,18 @@ class TransformerConfig:
             raise ConfigError("n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
         if self.attention not in BACKENDS:
             raise ConfigError("attention", f"must be one of {', '.join(BACKENDS)}, got {self.attention!r}")
+        RopeScaling.of(self).check(self.head_dim)
+        if self.sliding_window < 0:
+            raise ConfigError("sliding_window", f"must be >= 0 (0: off), got {self.sliding_window}")
+        if self.sliding_window and not self.causal:
+            raise ConfigError("sliding_window", "needs causal: true (a causal window)")
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.mask = "causal" if cfg.causal else None
+        self.mask = static_mask(cfg.causal, cfg.sliding_window)  # used unless a forward brings its own
         self.backend = cfg.attention
         # Separate q/k/v weights (not one fused qkv) keep HF Llama's layout.
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
@@ -79,13 +102,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask = None, cache: LayerCache | None = None
+    ) -> Tensor:
+        """x (B, T, dim); `mask` built for this batch replaces the static one; with `cache`, k and v are
+        written into it and q attends to all its slots."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attend(q, k, v, self.mask, self.backend)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        y = attend(q, k, v, self.mask if mask is None else mask, self.backend)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -110,8 +139,10 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask = None, cache: LayerCache | None = None
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -126,7 +157,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, scaling=RopeScaling.of(cfg))
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.init_weights()
@@ -151,14 +182,89 @@ class Transformer(nn.Module):
             nn.init.normal_(self.output.weight, std=std)
         self.rope.reset()
 
-    def trunk(self, h: Tensor) -> Tensor:
-        """Blocks and final norm on embeddings h (B, T, dim) at positions 0..T-1: for apps that bring
-        their own inputs (e.g. image patches) or heads (e.g. a classifier)."""
-        cos, sin = self.rope(h.shape[1])
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+    def trunk(
+        self,
+        h: Tensor,
+        *,
+        positions: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        prefix_len: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Blocks and final norm on embeddings h (B, T, dim): for apps that bring their own inputs (e.g.
+        image patches) or heads (e.g. a classifier). Options as in `forward`; without them, the training
+        path: positions 0..T-1 and the static (cached) mask."""
+        T = h.shape[1]
+        slots = None if cache is None else cache.slots(T)
+        if positions is None and cache is not None:
+            positions = cache.positions(slots)
+        if positions is None:
+            cos, sin = self.rope(T)
+        else:
+            cos, sin = self.rope_at(positions, T if cache is None else cache.max_len)
+        mask = self.batch_mask(h, doc_ids, prefix_len, cache, slots)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, None if cache is None else cache.layer(i, slots))
+        if cache is not None:
+            cache.advance(T)
         return self.norm(h)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens (B, T) -> float32 logits (B, T, vocab_size)."""
-        return self.output(self.trunk(self.tok_embeddings(tokens))).float()
+    def new_cache(self, batch: int, max_len: int, start: Tensor | None = None) -> KVCache:
+        """An empty KVCache for this model, on its device and in its dtype; see KVCache for `start`."""
+        cfg, weight = self.cfg, self.output.weight
+        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
+        return KVCache(*shape, start=start, device=weight.device, dtype=weight.dtype)
+
+    def rope_at(self, positions: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, 1, T, head_dim) at per-row positions (B, T), which must be below `length`."""
+        cos, sin = self.rope(length)
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+    def batch_mask(
+        self,
+        h: Tensor,
+        doc_ids: Tensor | None,
+        prefix_len: Tensor | None,
+        cache: KVCache | None,
+        slots: Tensor | None,
+    ) -> Mask:
+        """The data-dependent mask of this batch, built once for all layers; None: the static mask."""
+        if doc_ids is None and prefix_len is None and cache is None:
+            return None
+        B, T = h.shape[:2]
+        static = self.layers[0].attn.mask
+        base = None if static is None else get_mask_mod(static)
+        if base is None and (prefix_len is not None or cache is not None):
+            raise ValueError("prefix_len and cache need a causal model (causal: true)")
+        if prefix_len is not None:
+            base = prefix_lm_mask(prefix_len, base)
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids with a KV cache is not supported (one document per row)")
+            base = document_mask(doc_ids, base)
+        if cache is not None:
+            base, kv_len = cache_mask(cache.start, slots, base), cache.max_len
+        else:
+            kv_len = T
+        return build_mask(base, B, T, kv_len, h.device, self.cfg.attention)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        *,
+        positions: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        prefix_len: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """tokens (B, T) -> float32 logits (B, T, vocab_size).
+
+        positions (B, T): RoPE positions of each row (default 0..T-1, with a cache the cache's own).
+        doc_ids (B, T): document of each token of packed rows; attention never crosses documents.
+        prefix_len (B,): length of each row's bidirectional prefix (prefix-LM); the rest stays causal.
+        cache: a KVCache the tokens are appended to, attending to everything it holds (generation).
+        Masks from doc_ids, prefix_len and cache are built per call (flex: BlockMask; sdpa: dense).
+        """
+        h = self.tok_embeddings(tokens)
+        h = self.trunk(h, positions=positions, doc_ids=doc_ids, prefix_len=prefix_len, cache=cache)
+        return self.output(h).float()

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError, to_dict, to_yaml
+from ..config import ConfigError, RunError, to_dict, to_yaml
 from ..distributed import Cluster
 from .checkpoint import CheckpointConfig, Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from .logger import JsonlWriter, LoggingConfig, process_info, setup_logging
 from .preemption import PreemptionHandler
+from .probe import ActivationProbe, ProbeConfig
 from .profiler import HeavyProfiler, LightProfiler, ProfilerConfig
 from .wandb import WandbConfig, WandbLogger
 
@@ -40,6 +41,7 @@ class OrchestrationConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def check(self) -> None:
         if not self.name:
@@ -48,7 +50,7 @@ class OrchestrationConfig:
             raise ConfigError("log_dir", f"{self.log_dir} exists and is not a folder")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """The loss became nan or inf; the run stops and keeps its last good checkpoint."""
 
 
@@ -94,6 +96,8 @@ class Monitor:
                 self.cfg.wandb, self.log_dir, self.cfg.name, to_dict(self.run_config), self.cluster.is_main
             )
         )
+        probe_jsonl = metrics / f"probe_{self.rank}.jsonl"
+        self.probe = enter(ActivationProbe(self.cfg.probe, probe_jsonl, self.wandb.log))
         self.preemption = enter(PreemptionHandler())
         self._tokens = 0
         self._last_log = (time.perf_counter(), 0)
@@ -123,10 +127,11 @@ class Monitor:
             self.profiler.load_state_dict(state["profiler"])
             self.raw.load_state_dict(state["raw_metrics"])
             self.evals.load_state_dict(state["eval_metrics"])
+            self.probe.load_state_dict(state.get("probe_metrics", {"offset": 0}))
             set_rng_state(state["rng"])
             self.step = state["step"]
         else:  # a restart before any checkpoint starts over: drop what the dead run wrote
-            for part in (self.profiler, self.raw, self.evals):
+            for part in (self.profiler, self.raw, self.evals, self.probe):
                 part.load_state_dict({"offset": 0})
         self._start_step = self.step
         self.heavy.start(self.step)
@@ -140,6 +145,7 @@ class Monitor:
             "profiler": self.profiler.state_dict(),
             "raw_metrics": self.raw.state_dict(),
             "eval_metrics": self.evals.state_dict(),
+            "probe_metrics": self.probe.state_dict(),
             "rng": rng_state(),
         }
 
@@ -168,14 +174,16 @@ class Monitor:
         self.step = step
         self._tokens += tokens
         with self.phase("monitor"):
-            if not math.isfinite(loss):
+            # one tiny collective a step, so every rank stops at the same step, whoever saw what
+            flags = [float(self.preemption.requested), float(not math.isfinite(loss))]
+            preempted, non_finite = (flag > 0 for flag in self.cluster.all_reduce(flags, op="max"))
+            if non_finite:
                 raise NonFiniteLossError(
-                    f"loss is {loss} at step {step}; last good checkpoint: "
+                    f"loss is not finite at step {step} (rank {self.rank}: {loss}); last good checkpoint: "
                     f"{latest_checkpoint(self.log_dir / 'checkpoints') or 'none'}"
                 )
             if step % self.cfg.logging.period == 0 or step == self.total_steps:
                 self._log_metrics(step, loss, metrics)
-            preempted = self.cluster.all_reduce([float(self.preemption.requested)], op="max")[0] > 0
         self.profiler.end_step(step, tokens)
         self.heavy.step()
         if self.heavy.trace_path is not None:

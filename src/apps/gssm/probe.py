@@ -1,0 +1,141 @@
+"""Linear probes on a frozen GSSM checkpoint: which layer represents which hidden node's state?
+
+    python -m src.apps.gssm.probe config=<run log dir>/config.yaml [checkpoint=<checkpoint dir>] \
+        [probing.n_sequences=512 probing.test_fraction=0.25 ...]
+
+On fresh sequences of the true model (their own RNG stream, neither train nor eval), the residual stream
+at position t of every layer (0: the embeddings, l: the output of block l) is probed for each hidden
+node's state at t, the state the token at t was emitted from, so tokens <= t carry the evidence. Test
+accuracies per layer and node are printed next to chance (the majority state), the embeddings (what token
+t alone gives away) and the Bayes filter argmax_z p(z_t | x_<=t) of the true model (the best any decoder
+of tokens <= t can do on average; missing for nodes the tokens do not depend on), and written to
+`<log dir>/metrics/probe_accuracy.json`: {"step", "checkpoint", ..., "results": [one entry per layer and
+node]}.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...nanollama.config import cli_main, load_config
+from ...nanollama.distributed import Cluster
+from ...nanollama.monitor.checkpoint import checkpoint_step, load_model_weights
+from ...nanollama.probing import LinearProbeConfig, probe_accuracy, residual_streams
+from .bayes import _emission_chunks, _transition, joint_size, relevant_hidden
+from .eval import EvalRunConfig, find_checkpoint
+from .generator import GSSM, Sample
+from .train import build_model, set_vocab_size
+
+PROBE_STREAM = 3  # RNG stream of the probing sequences (data.py: 1 train, 2 eval)
+
+
+@dataclass
+class ProbeRunConfig(EvalRunConfig):
+    probing: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+
+
+def filtered_marginals(gssm: GSSM, sample: Sample) -> dict[str, np.ndarray]:
+    """p(z_t | x_<=t) per hidden ancestor of the tokens, (B, T, state_dim): the forward algorithm of
+    `bayes.conditional_logprobs`, keeping the normalised joint state and summing it onto each node."""
+    hidden = relevant_hidden(gssm)
+    n, dims = joint_size(gssm), tuple(node.dim for node in hidden)
+    B, T = sample.tokens.shape
+    step = _transition(gssm, sample, hidden, B, n, "auto")
+    alpha, a = np.full((B, n), 1.0 / n), np.empty((B, n))
+    out = {node.name: np.empty((B, T, node.dim)) for node in hidden}
+    for lo, lik in _emission_chunks(gssm, sample, hidden, n):
+        for s, lik_t in enumerate(lik):
+            step(alpha, a)
+            a *= lik_t
+            np.divide(a, a.sum(1, keepdims=True), out=alpha)
+            joint = alpha.reshape((B, *dims))
+            for i, node in enumerate(hidden):
+                others = tuple(1 + j for j in range(len(hidden)) if j != i)
+                out[node.name][:, lo + s] = joint.sum(axis=others)
+    return out
+
+
+def bayes_accuracies(gssm: GSSM, sample: Sample, test: slice) -> dict[str, float]:
+    """Accuracy of argmax_z p(z_t | x_<=t) on the test sequences; {} when the forward pass is intractable.
+    Context nodes are decoded with the kernels of each sequence: an oracle, as for `bayes_loss`."""
+    try:
+        joint_size(gssm)
+    except ValueError:
+        return {}
+    marginals = filtered_marginals(gssm, sample)
+    return {
+        name: float((p[test].argmax(-1) == sample.hidden[name][test]).mean()) for name, p in marginals.items()
+    }
+
+
+def run_probe(cfg: ProbeRunConfig) -> dict:
+    path = find_checkpoint(cfg)
+    pc = cfg.probing
+    with ExitStack() as stack:
+        cluster = stack.enter_context(Cluster(cfg.cluster))
+        gssm = GSSM(cfg.data.gssm)
+        set_vocab_size(cfg, gssm)
+        model = build_model(cfg, training=False, device=cluster.device)
+        load_model_weights(path, model)
+        model.to(cluster.device).eval()
+        rng = np.random.default_rng([cfg.orchestration.seed, PROBE_STREAM])
+        sample = gssm.sample(pc.n_sequences, cfg.data.seq_len, rng)
+        tokens = torch.from_numpy(sample.tokens).to(cluster.device)
+        with cluster.autocast():
+            streams = residual_streams(model, tokens, pc.batch_size)
+        is_main = cluster.is_main
+    n_train = pc.n_sequences - pc.n_test
+    train, test = slice(None, n_train), slice(n_train, None)
+    bayes = bayes_accuracies(gssm, sample, test)
+    results = []
+    for name in gssm.hidden_names:
+        y = torch.from_numpy(sample.hidden[name])
+        y_train, y_test = y[train].flatten(), y[test].flatten()
+        for layer, h in enumerate(streams):
+            x_train, x_test = h[train].flatten(0, 1), h[test].flatten(0, 1)
+            score = probe_accuracy(x_train, y_train, x_test, y_test, pc.weight_decay, pc.max_iter)
+            results.append({"node": name, "layer": layer, **score})
+    embeddings = {r["node"]: r["accuracy"] for r in results if r["layer"] == 0}
+    for r in results:
+        r.update(embedding_accuracy=embeddings[r["node"]], bayes_accuracy=bayes.get(r["node"]))
+    report = {
+        "step": checkpoint_step(path),
+        "checkpoint": str(path),
+        "n_train_sequences": n_train,
+        "n_test_sequences": pc.n_test,
+        "seq_len": cfg.data.seq_len,
+        "results": results,
+    }
+    out = path.parent.parent / "metrics" / "probe_accuracy.json"
+    if is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(format_table(results))
+        print(f"step {report['step']}: wrote {out}")
+    return report
+
+
+def format_table(results: list[dict]) -> str:
+    """One row per node and layer: test accuracy, chance, the embeddings' accuracy and Bayes'."""
+    lines = [f"{'node':<12} {'layer':>5} {'accuracy':>9} {'chance':>7} {'embeddings':>10} {'bayes':>6}"]
+    for r in results:
+        bayes = "-" if r["bayes_accuracy"] is None else f"{r['bayes_accuracy']:.3f}"
+        lines.append(
+            f"{r['node']:<12} {r['layer']:>5} {r['accuracy']:>9.3f} {r['chance']:>7.3f} "
+            f"{r['embedding_accuracy']:>10.3f} {bayes:>6}"
+        )
+    return "\n".join(lines)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    run_probe(load_config(ProbeRunConfig, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Autoregressive generation with a static KV cache: prompts of any lengths at once, greedy or sampled.
+
+Prompts are left-padded into one (B, P) batch: each row's positions start at 0 at its first real token
+and the cache's key-padding mask hides the padding (see `KVCache`), so a row generates what it would
+alone. One prefill pass writes the prompts into the cache, then every decode step feeds one token per
+row. Decode steps all have the same shapes, so `compile=True` compiles the step once per (batch size,
+cache length); cache lengths are rounded up to a multiple of `CACHE_ROUNDING` so that prompts of
+similar lengths share a compiled step.
+
+    from src.nanollama.model.generate import generate
+    completions = generate(model, [[5, 3, 9], [7]], max_new_tokens=32, temperature=0.8, top_p=0.9, seed=0)
+"""
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+from .attention import KVCache
+from .transformer import Transformer
+
+CACHE_ROUNDING = 32
+PAD_ID = 0  # what fills the left padding; never attended to, so any valid id
+
+
+def sample(
+    logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> Tensor:
+    """(B, V) logits -> (B,) next tokens: argmax if temperature is 0, else a draw from the softmax at
+    `temperature`, restricted to the top_k best tokens (0: all) and to the smallest set of best tokens
+    whose probability reaches top_p (nucleus; 1: all)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(B, P) tokens with each prompt right-aligned, and (B,) the first real slot of each row."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, each of at least one token")
+    lengths = torch.tensor([len(p) for p in prompts])
+    P = int(lengths.max())
+    tokens = torch.full((len(prompts), P), PAD_ID, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, P - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+    return tokens.to(device), (P - lengths).to(device)
+
+
+def decode_step(model: Transformer, tokens: Tensor, cache: KVCache) -> Tensor:
+    """(B,) tokens -> (B, V) logits of the next ones; appends the tokens to the cache."""
+    return model(tokens[:, None], cache=cache)[:, -1]
+
+
+_compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+
+
+def prefill(
+    model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int
+) -> tuple[Tensor, KVCache]:
+    """Write the prompts into a new cache with room for max_new_tokens more; (B, V) logits of the
+    first new token."""
+    device = model.output.weight.device
+    tokens, start = left_pad(prompts, device)
+    max_len = tokens.shape[1] + max_new_tokens - 1  # the last new token is never fed back
+    cache = model.new_cache(len(prompts), -(-max_len // CACHE_ROUNDING) * CACHE_ROUNDING, start)
+    return model(tokens, cache=cache)[:, -1], cache
+
+
+def truncate(tokens: list[int], stop_tokens: Sequence[int]) -> list[int]:
+    """Tokens up to and including the first stop token."""
+    for i, token in enumerate(tokens):
+        if token in stop_tokens:
+            return tokens[: i + 1]
+    return tokens
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    seed: int | None = None,
+    compile: bool = False,
+    stop_check_every: int = 8,
+) -> list[list[int]]:
+    """The new tokens of each prompt (prompt excluded): max_new_tokens of them, or fewer when a row
+    emits one of `stop_tokens` (kept as its last token; a finished row never changes again).
+
+    temperature 0 is greedy; otherwise sampling, with top_k / top_p filtering, reproducible with `seed`
+    (a torch.Generator on the model's device; None: torch's global RNG). Whether every row has finished
+    is checked every `stop_check_every` steps, the only host syncs of the loop.
+    """
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    logits, cache = prefill(model, prompts, max_new_tokens)
+    device = logits.device
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    step = _compiled_decode_step if compile else decode_step
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    out = torch.empty(len(prompts), max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    n = max_new_tokens
+    for i in range(max_new_tokens):
+        tokens = sample(logits, temperature, top_k, top_p, generator)
+        out[:, i] = tokens
+        if len(stop_tokens):
+            done |= torch.isin(tokens, stop)
+            if (i + 1) % stop_check_every == 0 and bool(done.all()):
+                n = i + 1
+                break
+        if i + 1 < max_new_tokens:
+            # Every step after the first sees the same model, cache and shapes: skip re-checking the
+            # compiled step's guards (~40 tensors; a tenth of a step at this size).
+            trusted = compile and i > 0
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if trusted else nullcontext():
+                logits = step(model, tokens, cache)
+    return [truncate(row, stop_tokens) for row in out[:, :n].tolist()]
