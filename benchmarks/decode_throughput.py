@@ -7,6 +7,8 @@ identical; HF runs with its default dynamic cache and with `cache_implementation
 --hf-compile, that static cache under HF's own torch.compile), and the faster HF variant is the
 reference. Timed calls alternate between all variants so that machine noise hits them alike; each
 figure is new tokens / wall time of a whole `generate` call (prefill included), median over rounds.
+One thread by default, for both: decode ops are too small to split, and on a busy machine OpenMP's
+waits between threads make every op ~10x slower (measured: 36 ms a step with 2 threads, 2.6 with 1).
 
     python -m benchmarks.decode_throughput [--batch 1 8] [--new-tokens 128] [--rounds 5] [--threads 1]
 """
@@ -123,7 +125,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5, help="timed generate calls per variant")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument(
         "--hf-compile", action="store_true", help="also HF's static cache under torch.compile"
     )

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
+from src.nanollama.hf import to_hf_config  # noqa: E402
 from src.nanollama.model.transformer import Transformer, TransformerConfig  # noqa: E402
 
 TARGETS = {"eager": 1.0, "compile": 1.3}  # wanted tokens/s ratio, ours / HF
@@ -36,19 +37,7 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     )
     torch.manual_seed(0)
     ours = Transformer(cfg)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=args.seq,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
+    hf_cfg = transformers.LlamaConfig(**to_hf_config(cfg), attn_implementation="sdpa")
     hf = transformers.LlamaForCausalLM(hf_cfg)
     n_ours, n_hf = (sum(p.numel() for p in m.parameters()) for m in (ours, hf))
     assert n_ours == n_hf, f"models differ in size: {n_ours} vs {n_hf}"

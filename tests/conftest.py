@@ -11,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Tests use tiny tensors: a second OpenMP thread only spin-waits (10x slower on a busy 2-core box).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / "tmp" / "inductor"))

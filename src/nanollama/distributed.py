@@ -152,7 +152,8 @@ class Cluster:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device_type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)  # RoPE tables only
+            # the only buffers are RoPE tables, identical everywhere: no need to re-send them each step
+            model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         if self.cfg.compile:
             model.compile()
         return model

@@ -114,6 +114,10 @@ def to_hf_config(cfg: TransformerConfig, dtype: str = "float32") -> dict[str, An
     """A LlamaConfig as config.json content; bidirectional models have no LlamaForCausalLM form."""
     if not cfg.causal:
         raise ConfigError("model.causal", "false (bidirectional): LlamaForCausalLM is causal, cannot export")
+    if cfg.sliding_window:
+        raise ConfigError(
+            "model.sliding_window", f"{cfg.sliding_window}: Llama has no sliding window, cannot export"
+        )
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -233,7 +237,7 @@ def _same_model(a: TransformerConfig, b: TransformerConfig) -> bool:
     """Same computation (fields like attention, init_std or multiple_of may differ; RoPE compares by
     its frequencies, so an NTK model exported as plain RoPE with a larger base is the same model)."""
     keys = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "norm_eps")
-    keys += ("tie_embeddings", "causal")
+    keys += ("tie_embeddings", "causal", "sliding_window")
     return all(getattr(a, k) == getattr(b, k) for k in keys) and _same_rope(a, b)
 
 

@@ -224,6 +224,13 @@ def test_bidirectional_model_is_refused(tmp_path, capsys):
     assert not (tmp_path / "hf").exists()
 
 
+def test_sliding_window_model_is_refused(tmp_path, capsys):
+    ckpt, _ = make_checkpoint(tmp_path, sliding_window=4)
+    err = error_line(capsys, ["export", f"ckpt={ckpt}", f"out={tmp_path / 'hf'}"])
+    assert err.startswith("error: model.sliding_window:")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_failure_mid_write_leaves_nothing(tmp_path, capsys):
     """Weights that do not fit the config fail after the temporary folder exists: it is removed."""
     ckpt, _ = make_checkpoint(tmp_path)

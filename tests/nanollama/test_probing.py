@@ -11,15 +11,6 @@ from src.nanollama.model.transformer import Transformer, TransformerConfig
 from src.nanollama.probing import LinearProbeConfig, majority_chance, probe_accuracy, residual_streams
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small full-batch fits: a second thread only adds contention (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_linearly_decodable_labels_are_decoded():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6000, 16, generator=g) * torch.logspace(-2, 1, 16) + 3  # badly scaled on purpose

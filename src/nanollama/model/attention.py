@@ -189,17 +189,6 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask | None, gqa: bo
     return flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
-def one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """sdpa for one query per row (a decode step) as broadcast multiply-sums, which inductor fuses into
-    two vectorised loops; CPU sdpa pays a kernel setup per (batch, head), 3x slower at batch 8."""
-    B, H, _, d = q.shape
-    H_kv = k.shape[1]
-    q = q.view(B, H_kv, H // H_kv, 1, d)  # query heads grouped by their kv head, as enable_gqa does
-    scores = (q * k[:, :, None]).sum(-1) * d**-0.5  # (B, H_kv, group, KV)
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (weights[..., None] * v[:, :, None]).sum(-2).view(B, H, 1, d)
-
-
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Mask, backend: str = "sdpa") -> Tensor:
     """softmax(q k^T / sqrt(d)) v for q (B, H, Q, d) and k, v (B, H_kv, KV, d); H_kv divides H (GQA).
 
@@ -208,8 +197,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Mask, backend: str = "sdpa") -
     """
     gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, Tensor):
-        if q.shape[2] == 1 and not q.is_cuda and torch.compiler.is_compiling():
-            return one_query_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if isinstance(mask, BlockMask):
         return _flex(q, k, v, mask, gqa)

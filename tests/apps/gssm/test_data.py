@@ -28,7 +28,9 @@ def test_global_batch_splits_exactly():
 def test_eval_set_is_fixed_and_split_across_ranks():
     gssm, cfg = GSSM(GSSMConfig()), DataConfig(seq_len=8)
     whole = [t for t, _ in eval_batches(cfg, gssm, n_sequences=12, batch_size=4, seed=3, rank=0, world=1)]
-    assert all(torch.equal(a, b) for a, b in zip(whole, (t for t, _ in eval_batches(cfg, gssm, 12, 4, 3, 0, 1))))
+    assert all(
+        torch.equal(a, b) for a, b in zip(whole, (t for t, _ in eval_batches(cfg, gssm, 12, 4, 3, 0, 1)))
+    )
     halves = [list(eval_batches(cfg, gssm, 12, 4, 3, rank, 2)) for rank in (0, 1)]
     for i, batch in enumerate(whole):  # two ranks together see exactly the one-rank evaluation set
         assert torch.equal(halves[0][i][0], batch[0::2]) and torch.equal(halves[1][i][0], batch[1::2])

@@ -217,13 +217,15 @@ def test_flex_falls_back_to_sdpa_on_cpu_and_bf16_autocast(tmp_path):
     assert len(losses(log_dir)) == 2
 
 
-def test_wandb_offline_resumes_the_same_run(tmp_path):
+def test_wandb_offline_resumes_the_same_run_and_gets_traces(tmp_path):
     log_dir = tmp_path / "run"
     args = ["optim.steps=4", "orchestration.wandb.mode=offline", "orchestration.checkpoint.period=2"]
-    train(log_dir, *args)
+    train(log_dir, *args, "orchestration.profiler.heavy.start=2", "orchestration.profiler.heavy.steps=1")
     run_id = (log_dir / "wandb" / "run_id").read_text()
-    first = sorted(p.name for p in (log_dir / "wandb").glob("offline-run-*"))
-    assert len(first) == 1 and first[0].endswith(run_id)
+    first = sorted((log_dir / "wandb").glob("offline-run-*"))
+    assert len(first) == 1 and first[0].name.endswith(run_id)
+    (trace,) = (log_dir / "profiler").glob("trace_rank0_*.json")
+    assert (first[0] / "files" / trace.name).is_file()  # the profiler trace is attached to the run
     shutil.rmtree(list_checkpoints(log_dir / "checkpoints")[-1])
     train(log_dir, *args)
     runs = sorted(p.name for p in (log_dir / "wandb").glob("offline-run-*"))

@@ -22,15 +22,6 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: OpenMP threads only spin-wait on each other (10x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(seed: int = 0, **kwargs) -> Transformer:
     torch.manual_seed(seed)
     kwargs = {"dim": 64, "n_heads": 4, "n_kv_heads": 2, **kwargs}

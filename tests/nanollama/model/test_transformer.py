@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from src.nanollama.config import ConfigError, build_config
-from src.nanollama.hf import to_hf_name
+from src.nanollama.hf import to_hf_config, to_hf_name
 from src.nanollama.model import attention
 from src.nanollama.model.attention import flex_backward_available
 from src.nanollama.model.rope import RotaryEmbedding, rope_tables
@@ -196,21 +196,7 @@ def test_logits_match_hf_llama(tie: bool):
     transformers = pytest.importorskip("transformers")
     model = make(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, rope_theta=500.0, tie_embeddings=tie)
     cfg = model.cfg
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=tie,
-        max_position_embeddings=128,
-        attention_bias=False,
-        mlp_bias=False,
-    )
+    hf_cfg = transformers.LlamaConfig(**to_hf_config(cfg))
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     state = {to_hf_name(name): tensor for name, tensor in model.state_dict().items()}
     if tie:
