@@ -56,9 +56,7 @@ def build_model(cfg: TrainConfig, training: bool, device: torch.device) -> Trans
         logger.warning(f"FlexAttention has no backward on {device.type}: training with sdpa instead")
         cfg.model.attention = "sdpa"
     torch.manual_seed(cfg.orchestration.seed)
-    model = Transformer(cfg.model)
-    model.init_weights()
-    return model
+    return Transformer(cfg.model)  # initialised in its constructor
 
 
 def seed_everything(seed: int, rank: int) -> None:
