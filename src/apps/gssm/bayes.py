@@ -137,3 +137,24 @@ def _emission_chunks(gssm: GSSM, sample: Sample, hidden: list[Node], n: int):
     for lo in range(0, T, steps):
         lik = table[seq, tokens[lo : lo + steps]]  # (steps, B, parent rows or N)
         yield lo, lik[..., parent_row] if expand else lik
+
+
+def filtered_marginals(gssm: GSSM, sample: Sample) -> dict[str, np.ndarray]:
+    """p(z_t | x_<=t) per hidden ancestor of the tokens, (B, T, state_dim): the forward algorithm of
+    `bayes.conditional_logprobs`, keeping the normalised joint state and summing it onto each node."""
+    hidden = relevant_hidden(gssm)
+    n, dims = joint_size(gssm), tuple(node.dim for node in hidden)
+    B, T = sample.tokens.shape
+    step = _transition(gssm, sample, hidden, B, n, "auto")
+    alpha, a = np.full((B, n), 1.0 / n), np.empty((B, n))
+    out = {node.name: np.empty((B, T, node.dim)) for node in hidden}
+    for lo, lik in _emission_chunks(gssm, sample, hidden, n):
+        for s, lik_t in enumerate(lik):
+            step(alpha, a)
+            a *= lik_t
+            np.divide(a, a.sum(1, keepdims=True), out=alpha)
+            joint = alpha.reshape((B, *dims))
+            for i, node in enumerate(hidden):
+                others = tuple(1 + j for j in range(len(hidden)) if j != i)
+                out[node.name][:, lo + s] = joint.sum(axis=others)
+    return out

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
+import torch
+
 from ...nanollama.config import ConfigError, cli_main, load_config
 from ...nanollama.distributed import Cluster
+from ...nanollama.model.transformer import Transformer
 from ...nanollama.monitor.checkpoint import (
     checkpoint_step,
     clear_eval_flag,
@@ -54,17 +57,22 @@ def find_checkpoint(cfg: EvalRunConfig) -> Path:
     return path
 
 
+def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[GSSM, Transformer]:
+    """The run's true model and the checkpoint's weights, in eval mode, for evaluation and probing."""
+    gssm = GSSM(cfg.data.gssm)
+    set_vocab_size(cfg, gssm)
+    model = build_model(cfg, training=False, device=device)
+    load_model_weights(path, model)
+    return gssm, model.to(device).eval()
+
+
 def run_eval(cfg: EvalRunConfig) -> dict:
     check_evaluation(cfg)
     path = find_checkpoint(cfg)
     log_dir = path.parent.parent
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
-        gssm = GSSM(cfg.data.gssm)
-        set_vocab_size(cfg, gssm)
-        model = build_model(cfg, training=False, device=cluster.device)
-        load_model_weights(path, model)
-        model.to(cluster.device)
+        gssm, model = load_frozen(cfg, path, cluster.device)
         result = {
             "step": checkpoint_step(path),
             **evaluate(model, gssm, cfg, cluster),

@@ -24,12 +24,11 @@ import torch
 
 from ...nanollama.config import cli_main, load_config
 from ...nanollama.distributed import Cluster
-from ...nanollama.monitor.checkpoint import checkpoint_step, load_model_weights
+from ...nanollama.monitor.checkpoint import checkpoint_step
 from ...nanollama.probing import LinearProbeConfig, probe_accuracy, residual_streams
-from .bayes import _emission_chunks, _transition, joint_size, relevant_hidden
-from .eval import EvalRunConfig, find_checkpoint
+from .bayes import filtered_marginals, joint_size
+from .eval import EvalRunConfig, find_checkpoint, load_frozen
 from .generator import GSSM, Sample
-from .train import build_model, set_vocab_size
 
 PROBE_STREAM = 3  # RNG stream of the probing sequences (data.py: 1 train, 2 eval)
 
@@ -37,27 +36,6 @@ PROBE_STREAM = 3  # RNG stream of the probing sequences (data.py: 1 train, 2 eva
 @dataclass
 class ProbeRunConfig(EvalRunConfig):
     probing: LinearProbeConfig = field(default_factory=LinearProbeConfig)
-
-
-def filtered_marginals(gssm: GSSM, sample: Sample) -> dict[str, np.ndarray]:
-    """p(z_t | x_<=t) per hidden ancestor of the tokens, (B, T, state_dim): the forward algorithm of
-    `bayes.conditional_logprobs`, keeping the normalised joint state and summing it onto each node."""
-    hidden = relevant_hidden(gssm)
-    n, dims = joint_size(gssm), tuple(node.dim for node in hidden)
-    B, T = sample.tokens.shape
-    step = _transition(gssm, sample, hidden, B, n, "auto")
-    alpha, a = np.full((B, n), 1.0 / n), np.empty((B, n))
-    out = {node.name: np.empty((B, T, node.dim)) for node in hidden}
-    for lo, lik in _emission_chunks(gssm, sample, hidden, n):
-        for s, lik_t in enumerate(lik):
-            step(alpha, a)
-            a *= lik_t
-            np.divide(a, a.sum(1, keepdims=True), out=alpha)
-            joint = alpha.reshape((B, *dims))
-            for i, node in enumerate(hidden):
-                others = tuple(1 + j for j in range(len(hidden)) if j != i)
-                out[node.name][:, lo + s] = joint.sum(axis=others)
-    return out
 
 
 def bayes_accuracies(gssm: GSSM, sample: Sample, test: slice) -> dict[str, float]:
@@ -78,11 +56,7 @@ def run_probe(cfg: ProbeRunConfig) -> dict:
     pc = cfg.probing
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
-        gssm = GSSM(cfg.data.gssm)
-        set_vocab_size(cfg, gssm)
-        model = build_model(cfg, training=False, device=cluster.device)
-        load_model_weights(path, model)
-        model.to(cluster.device).eval()
+        gssm, model = load_frozen(cfg, path, cluster.device)
         rng = np.random.default_rng([cfg.orchestration.seed, PROBE_STREAM])
         sample = gssm.sample(pc.n_sequences, cfg.data.seq_len, rng)
         tokens = torch.from_numpy(sample.tokens).to(cluster.device)

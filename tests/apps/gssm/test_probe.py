@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from src.apps.gssm.bayes import filtered_marginals
 from src.apps.gssm.generator import GSSM
 from src.apps.gssm.graph import GSSMConfig, NodeConfig
-from src.apps.gssm.probe import filtered_marginals, main
+from src.apps.gssm.probe import main
 from src.nanollama.monitor.checkpoint import list_checkpoints
 from src.nanollama.monitor.logger import read_jsonl
 from tests.conftest import run_module
