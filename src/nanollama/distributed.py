@@ -91,6 +91,17 @@ def detect_environment(env: dict | None = None) -> Environment:
     return Environment("single")
 
 
+def micro_batch_size(batch_size: int, world_size: int, accumulation_steps: int) -> int:
+    """Sequences per rank and micro-step, so that the global batch is exactly what the config says."""
+    parts = world_size * accumulation_steps
+    if batch_size % parts:
+        raise ConfigError(
+            "data.batch_size",
+            f"{batch_size} does not divide by world size {world_size} x accumulation {accumulation_steps}",
+        )
+    return batch_size // parts
+
+
 class Cluster:
     """Device, process group and model wrapping for the run; enter it before anything else."""
 

@@ -36,17 +36,6 @@ class DataConfig:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
 
 
-def micro_batch_size(batch_size: int, world_size: int, accumulation_steps: int) -> int:
-    """Sequences per rank and micro-step, so that the global batch is exactly what the config says."""
-    parts = world_size * accumulation_steps
-    if batch_size % parts:
-        raise ConfigError(
-            "data.batch_size",
-            f"{batch_size} does not divide by world size {world_size} x accumulation {accumulation_steps}",
-        )
-    return batch_size // parts
-
-
 def check_dataset(cfg: DataConfig) -> None:
     """A dataset on disk must be complete and written for the same sequence length."""
     for name in ("train.npy", "test.npy", "test_bayes.npy", "meta.json"):

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from ...nanollama.config import ConfigError, cli_main, load_config
+from ...nanollama.config import cli_main, load_config
 from ...nanollama.distributed import Cluster
 from ...nanollama.model.transformer import Transformer
 from ...nanollama.monitor.checkpoint import (
     checkpoint_step,
     clear_eval_flag,
-    latest_checkpoint,
+    find_checkpoint,
     load_model_weights,
 )
 from ...nanollama.monitor.logger import JsonlWriter
@@ -43,20 +43,6 @@ class EvalRunConfig(TrainConfig):
     checkpoint: str = ""  # checkpoint folder; empty: the latest one of orchestration.log_dir
 
 
-def find_checkpoint(cfg: EvalRunConfig) -> Path:
-    if cfg.checkpoint:
-        path = Path(cfg.checkpoint)
-        if not (path / "model.pt").is_file():
-            raise ConfigError("checkpoint", f"{path} is not a checkpoint folder (no model.pt)")
-        return path
-    path = latest_checkpoint(
-        Path(cfg.orchestration.log_dir or f"runs/{cfg.orchestration.name}") / "checkpoints"
-    )
-    if path is None:
-        raise ConfigError("orchestration.log_dir", f"no checkpoint in {cfg.orchestration.log_dir}")
-    return path
-
-
 def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[GSSM, Transformer]:
     """The run's true model and the checkpoint's weights, in eval mode, for evaluation and probing."""
     gssm = GSSM(cfg.data.gssm)
@@ -68,7 +54,7 @@ def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[G
 
 def run_eval(cfg: EvalRunConfig) -> dict:
     check_evaluation(cfg)
-    path = find_checkpoint(cfg)
+    path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
     log_dir = path.parent.parent
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))

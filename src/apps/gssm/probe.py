@@ -24,10 +24,10 @@ import torch
 
 from ...nanollama.config import cli_main, load_config
 from ...nanollama.distributed import Cluster
-from ...nanollama.monitor.checkpoint import checkpoint_step
+from ...nanollama.monitor.checkpoint import checkpoint_step, find_checkpoint
 from ...nanollama.probing import LinearProbeConfig, probe_accuracy, residual_streams
 from .bayes import filtered_marginals, joint_size
-from .eval import EvalRunConfig, find_checkpoint, load_frozen
+from .eval import EvalRunConfig, load_frozen
 from .generator import GSSM, Sample
 
 PROBE_STREAM = 3  # RNG stream of the probing sequences (data.py: 1 train, 2 eval)
@@ -52,7 +52,7 @@ def bayes_accuracies(gssm: GSSM, sample: Sample, test: slice) -> dict[str, float
 
 
 def run_probe(cfg: ProbeRunConfig) -> dict:
-    path = find_checkpoint(cfg)
+    path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
     pc = cfg.probing
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))

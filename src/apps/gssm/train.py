@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ...nanollama.config import ConfigError, cli_main, load_config
-from ...nanollama.distributed import Cluster, ClusterConfig
+from ...nanollama.distributed import Cluster, ClusterConfig, micro_batch_size
 from ...nanollama.model.attention import flex_backward_available
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm
-from .data import DataConfig, build_stream, micro_batch_size
+from .data import DataConfig, build_stream
 from .evaluation import EvaluationConfig, check_evaluation, evaluate
 from .generator import GSSM
 

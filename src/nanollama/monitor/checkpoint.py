@@ -111,6 +111,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def find_checkpoint(checkpoint: str, log_dir: str | os.PathLike) -> Path:
+    """An explicit checkpoint folder, or else the latest one of a run (for evaluation and probing)."""
+    if checkpoint:
+        if not (Path(checkpoint) / "model.pt").is_file():
+            raise ConfigError("checkpoint", f"{checkpoint} is not a checkpoint folder (no model.pt)")
+        return Path(checkpoint)
+    path = latest_checkpoint(Path(log_dir) / "checkpoints")
+    if path is None:
+        raise ConfigError("orchestration.log_dir", f"no checkpoint in {log_dir}")
+    return path
+
+
 def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
     """Load the consolidated weights of a checkpoint folder into an unwrapped model."""
     file = Path(path) / "model.pt"

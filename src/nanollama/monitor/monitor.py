@@ -43,6 +43,9 @@ class OrchestrationConfig:
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
+    def __post_init__(self) -> None:
+        self.log_dir = self.log_dir or f"runs/{self.name}"
+
     def check(self) -> None:
         if not self.name:
             raise ConfigError("name", "must not be empty")
@@ -56,8 +59,6 @@ class NonFiniteLossError(RunError):
 
 class Monitor:
     def __init__(self, cfg: OrchestrationConfig, cluster: Cluster, run_config: Any, total_steps: int):
-        if not cfg.log_dir:
-            cfg.log_dir = f"runs/{cfg.name}"
         self.cfg, self.cluster, self.run_config = cfg, cluster, run_config
         self.total_steps = total_steps
         self.log_dir = Path(cfg.log_dir)

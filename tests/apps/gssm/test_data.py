@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from src.apps.gssm.data import DataConfig, GeneratedStream, eval_batches, micro_batch_size
+from src.apps.gssm.data import DataConfig, GeneratedStream, eval_batches
 from src.apps.gssm.generator import GSSM
 from src.apps.gssm.graph import GSSMConfig
 from src.nanollama.config import ConfigError
+from src.nanollama.distributed import micro_batch_size
 
 
 def test_ranks_draw_different_data_and_the_stream_resumes():

@@ -1,0 +1,71 @@
+"""Evaluate a GPT checkpoint on the validation split and clear its eval flag.
+
+    python -m src.apps.gpt.eval config=<run log dir>/config.yaml [checkpoint=<checkpoint dir>]
+
+Without `checkpoint`, the latest checkpoint of `orchestration.log_dir` is evaluated. The result (loss,
+perplexity, bits per byte) is appended to `metrics/eval_{rank}.jsonl` of the run and printed.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...nanollama.config import cli_main, load_config
+from ...nanollama.data.text import Tokenizer
+from ...nanollama.distributed import Cluster
+from ...nanollama.model.transformer import Transformer
+from ...nanollama.monitor.checkpoint import (
+    checkpoint_step,
+    clear_eval_flag,
+    find_checkpoint,
+    load_model_weights,
+)
+from ...nanollama.monitor.logger import JsonlWriter
+from .evaluation import evaluate
+from .train import TrainConfig, build_model, load_tokenizer
+
+
+@dataclass
+class EvalRunConfig(TrainConfig):
+    checkpoint: str = ""  # checkpoint folder; empty: the latest one of orchestration.log_dir
+
+
+def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[Tokenizer, Transformer]:
+    """The run's tokenizer and the checkpoint's weights, in eval mode."""
+    tokenizer = load_tokenizer(cfg)
+    model = build_model(cfg, training=False, device=device)
+    load_model_weights(path, model)
+    return tokenizer, model.to(device).eval()
+
+
+def run_eval(cfg: EvalRunConfig) -> dict:
+    path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
+    log_dir = path.parent.parent
+    with ExitStack() as stack:
+        cluster = stack.enter_context(Cluster(cfg.cluster))
+        tokenizer, model = load_frozen(cfg, path, cluster.device)
+        result = {"step": checkpoint_step(path), **evaluate(model, tokenizer, cfg, cluster)}
+        result["checkpoint"] = str(path)
+        with JsonlWriter(log_dir / "metrics" / f"eval_{cluster.rank}.jsonl") as writer:
+            writer.write(result)
+        cluster.barrier()
+        if cluster.is_main:
+            clear_eval_flag(path)
+            print(
+                f"step {result['step']}: eval loss {result['loss']:.4f} nats/token, perplexity "
+                f"{result['perplexity']:.2f}, {result['bpb']:.4f} bits/byte ({result['n_tokens']} tokens)"
+            )
+    return result
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    run_eval(load_config(EvalRunConfig, argv))
+
+
+if __name__ == "__main__":
+    main()

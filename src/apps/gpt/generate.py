@@ -1,0 +1,45 @@
+"""Complete a prompt with a GPT checkpoint.
+
+    python -m src.apps.gpt.generate config=<run>/config.yaml prompt="The " \
+        [max_new_tokens=64 temperature=0.8 checkpoint=<checkpoint dir>]
+
+The tokenizer is rebuilt from the run's config (a sentencepiece model comes back from its cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...nanollama.config import cli_main, load_config
+from ...nanollama.distributed import Cluster
+from ...nanollama.monitor.checkpoint import find_checkpoint
+from .eval import EvalRunConfig, load_frozen
+from .evaluation import complete
+
+
+@dataclass
+class GenerateConfig(EvalRunConfig):
+    prompt: str = ""
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0: greedy
+
+
+def run_generate(cfg: GenerateConfig) -> str:
+    path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
+    with Cluster(cfg.cluster) as cluster:
+        tokenizer, model = load_frozen(cfg, path, cluster.device)
+        (text,) = complete(
+            model, tokenizer, [cfg.prompt], cfg.max_new_tokens, cfg.temperature, cfg.orchestration.seed
+        )
+        if cluster.is_main:
+            print(cfg.prompt + text)
+    return text
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    run_generate(load_config(GenerateConfig, argv))
+
+
+if __name__ == "__main__":
+    main()

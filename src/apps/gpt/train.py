@@ -1,0 +1,141 @@
+"""Train a causal language model on packed text.
+
+    python -m src.apps.gpt.train config=src/apps/gpt/configs/debug.yaml [key=value ...]
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m src.apps.gpt.train config=...
+
+Rows pack several documents; attention is masked at document boundaries. Evaluation lines report the
+validation loss, perplexity and bits per byte; every `generation.period` steps sample completions of
+`generation.prompts` go to the text log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...nanollama.config import ConfigError, cli_main, load_config
+from ...nanollama.data.packing import TextDataConfig, TextStream, source_documents
+from ...nanollama.data.text import Tokenizer, TokenizerConfig, build_tokenizer
+from ...nanollama.distributed import Cluster, ClusterConfig, micro_batch_size
+from ...nanollama.model.attention import flex_backward_available
+from ...nanollama.model.transformer import Transformer, TransformerConfig
+from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
+from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm
+from .evaluation import EvaluationConfig, GenerationConfig, complete, evaluate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The run's tokenizer, and the vocabulary size it fixes (0 in the config: take the tokenizer's).
+
+    A sentencepiece model is trained on the training split of the sources, cached by a hash of corpus
+    and settings: eval and generate rebuild the very same one from the run's config.
+    """
+    docs = None
+    if cfg.tokenizer.kind == "sentencepiece":
+        docs = [d for s in cfg.data.sources for d in source_documents(s, cfg.data.valid_fraction, "train")]
+    tokenizer = build_tokenizer(cfg.tokenizer, docs)
+    if cfg.model.vocab_size not in (0, tokenizer.vocab_size):
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} != tokenizer's {tokenizer.vocab_size}")
+    cfg.model.vocab_size = tokenizer.vocab_size
+    return tokenizer
+
+
+def build_model(cfg: TrainConfig, training: bool, device: torch.device) -> Transformer:
+    """Deterministic init from the global seed; flex falls back to sdpa where it cannot train."""
+    if training and cfg.model.attention == "flex" and not flex_backward_available(device):
+        logger.warning(f"FlexAttention has no backward on {device.type}: training with sdpa instead")
+        cfg.model.attention = "sdpa"
+    torch.manual_seed(cfg.orchestration.seed)
+    return Transformer(cfg.model)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def log_samples(model: torch.nn.Module, tokenizer: Tokenizer, cfg: TrainConfig, step: int) -> None:
+    gen = cfg.generation
+    seed = cfg.orchestration.seed
+    texts = complete(model, tokenizer, gen.prompts, gen.max_new_tokens, gen.temperature, seed)
+    for prompt, text in zip(gen.prompts, texts):
+        logger.info(f"sample at step {step}: {prompt!r} -> {text!r}")
+
+
+def train(cfg: TrainConfig) -> None:
+    with ExitStack() as stack:
+        cluster = stack.enter_context(Cluster(cfg.cluster))
+        acc = cfg.optim.accumulation_steps
+        micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, acc)
+        tokenizer = load_tokenizer(cfg)
+        seed, rank = cfg.orchestration.seed, cluster.rank
+        data = dataclasses.replace(cfg.data, batch_size=micro)
+        stream = TextStream(data, tokenizer, "train", rank, cluster.world_size)
+
+        monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
+        stream = stack.enter_context(stream)
+        model = cluster.wrap(build_model(cfg, training=True, device=cluster.device))
+        optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
+        scheduler = build_scheduler(optimizer, cfg.optim)
+        seed_everything(seed, rank)
+        step = monitor.resume(model, optimizer, scheduler, stream)
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        logger.info(f"training from step {step} to {cfg.optim.steps}, {micro} rows/rank/micro-step")
+
+        while step < cfg.optim.steps and not monitor.stop:
+            model.train()
+            loss_sum = torch.zeros((), device=cluster.device)
+            with monitor.probe.capture(model, step + 1):
+                for micro_step in range(acc):
+                    with monitor.phase("data"):
+                        tokens, doc_ids = (t.to(cluster.device, non_blocking=True) for t in next(stream))
+                    with monitor.phase("model"), cluster.gradient_sync(model, micro_step == acc - 1):
+                        with cluster.autocast():
+                            logits = model(tokens[:, :-1], doc_ids=doc_ids[:, :-1])
+                        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+                        (loss / acc).backward()
+                        loss_sum += loss.detach()
+            with monitor.phase("optim"):
+                grad_norm = clip_grad_norm(model, cfg.optim.clip)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            with monitor.phase("eval"):
+                if cfg.evaluation.due(step, cfg.optim.steps):
+                    monitor.log_eval(step, evaluate(model, tokenizer, cfg, cluster))
+                if cfg.generation.due(step):
+                    log_samples(model, tokenizer, cfg, step)
+            monitor.end_step(step, loss_sum.item() / acc, tokens_per_step, lr=lr, grad_norm=grad_norm)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    train(load_config(TrainConfig, argv))
+
+
+if __name__ == "__main__":
+    main()
