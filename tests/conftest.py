@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,21 @@ def run_module(
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+def losses(log_dir: Path, rank: int = 0) -> dict[int, float]:
+    """Step -> loss of a run's training metrics."""
+    from src.nanollama.monitor.logger import read_jsonl
+
+    return {r["step"]: r["loss"] for r in read_jsonl(log_dir / "metrics" / f"raw_{rank}.jsonl")}
+
+
+def crash_after(src: Path, dst: Path, step: int) -> None:
+    """A copy of a run as if it had died after its checkpoint at `step` (its later files still there)."""
+    from src.nanollama.monitor.checkpoint import list_checkpoints
+
+    shutil.copytree(src, dst)
+    for path in list_checkpoints(dst / "checkpoints"):
+        if int(path.name) > step:
+            shutil.rmtree(path)
+    assert int(list_checkpoints(dst / "checkpoints")[-1].name) == step

@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...nanollama.config import ConfigError, cli_main, load_config
 from ...nanollama.data.packing import TextDataConfig, TextStream, source_documents
 from ...nanollama.data.text import Tokenizer, TokenizerConfig, build_tokenizer
 from ...nanollama.distributed import Cluster, ClusterConfig, micro_batch_size
-from ...nanollama.model.attention import flex_backward_available
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
-from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm
+from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
+from ...nanollama.trainer import build_transformer, causal_lm_loss, seed_everything, train_step
 from .evaluation import EvaluationConfig, GenerationConfig, complete, evaluate
 
 logger = logging.getLogger(__name__)
@@ -62,18 +59,7 @@ def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
 
 
 def build_model(cfg: TrainConfig, training: bool, device: torch.device) -> Transformer:
-    """Deterministic init from the global seed; flex falls back to sdpa where it cannot train."""
-    if training and cfg.model.attention == "flex" and not flex_backward_available(device):
-        logger.warning(f"FlexAttention has no backward on {device.type}: training with sdpa instead")
-        cfg.model.attention = "sdpa"
-    torch.manual_seed(cfg.orchestration.seed)
-    return Transformer(cfg.model)
-
-
-def seed_everything(seed: int, rank: int) -> None:
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
+    return build_transformer(cfg.model, cfg.orchestration.seed, training, device)
 
 
 def log_samples(model: torch.nn.Module, tokenizer: Tokenizer, cfg: TrainConfig, step: int) -> None:
@@ -104,32 +90,24 @@ def train(cfg: TrainConfig) -> None:
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         logger.info(f"training from step {step} to {cfg.optim.steps}, {micro} rows/rank/micro-step")
 
+        def next_batch() -> list[torch.Tensor]:
+            return [t.to(cluster.device, non_blocking=True) for t in next(stream)]
+
+        def loss_fn(batch: list[torch.Tensor]) -> torch.Tensor:
+            tokens, doc_ids = batch  # the document mask keeps attention inside each packed document
+            return causal_lm_loss(model(tokens[:, :-1], doc_ids=doc_ids[:, :-1]), tokens)
+
         while step < cfg.optim.steps and not monitor.stop:
-            model.train()
-            loss_sum = torch.zeros((), device=cluster.device)
-            with monitor.probe.capture(model, step + 1):
-                for micro_step in range(acc):
-                    with monitor.phase("data"):
-                        tokens, doc_ids = (t.to(cluster.device, non_blocking=True) for t in next(stream))
-                    with monitor.phase("model"), cluster.gradient_sync(model, micro_step == acc - 1):
-                        with cluster.autocast():
-                            logits = model(tokens[:, :-1], doc_ids=doc_ids[:, :-1])
-                        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-                        (loss / acc).backward()
-                        loss_sum += loss.detach()
-            with monitor.phase("optim"):
-                grad_norm = clip_grad_norm(model, cfg.optim.clip)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            loss, metrics = train_step(
+                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, next_batch, loss_fn
+            )
             step += 1
             with monitor.phase("eval"):
                 if cfg.evaluation.due(step, cfg.optim.steps):
                     monitor.log_eval(step, evaluate(model, tokenizer, cfg, cluster))
                 if cfg.generation.due(step):
                     log_samples(model, tokenizer, cfg, step)
-            monitor.end_step(step, loss_sum.item() / acc, tokens_per_step, lr=lr, grad_norm=grad_norm)
+            monitor.end_step(step, loss, tokens_per_step, **metrics)
 
 
 @cli_main

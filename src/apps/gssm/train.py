@@ -10,20 +10,17 @@ held-out sequences, and their `gap`.
 from __future__ import annotations
 
 import logging
-import random
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...nanollama.config import ConfigError, cli_main, load_config
 from ...nanollama.distributed import Cluster, ClusterConfig, micro_batch_size
-from ...nanollama.model.attention import flex_backward_available
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
-from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm
+from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
+from ...nanollama.trainer import build_transformer, causal_lm_loss, seed_everything, train_step
 from .data import DataConfig, build_stream
 from .evaluation import EvaluationConfig, check_evaluation, evaluate
 from .generator import GSSM
@@ -51,18 +48,7 @@ def set_vocab_size(cfg: TrainConfig, gssm: GSSM) -> None:
 
 
 def build_model(cfg: TrainConfig, training: bool, device: torch.device) -> Transformer:
-    """Deterministic init from the global seed; flex falls back to sdpa where it cannot train."""
-    if training and cfg.model.attention == "flex" and not flex_backward_available(device):
-        logger.warning(f"FlexAttention has no backward on {device.type}: training with sdpa instead")
-        cfg.model.attention = "sdpa"
-    torch.manual_seed(cfg.orchestration.seed)
-    return Transformer(cfg.model)  # initialised in its constructor
-
-
-def seed_everything(seed: int, rank: int) -> None:
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
+    return build_transformer(cfg.model, cfg.orchestration.seed, training, device)
 
 
 def train(cfg: TrainConfig) -> None:
@@ -86,33 +72,23 @@ def train(cfg: TrainConfig) -> None:
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         logger.info(f"training from step {step} to {cfg.optim.steps}, {micro} sequences/rank/micro-step")
 
+        def next_batch() -> torch.Tensor:
+            return next(stream).to(cluster.device, non_blocking=True)
+
+        def loss_fn(tokens: torch.Tensor) -> torch.Tensor:
+            return causal_lm_loss(model(tokens[:, :-1]), tokens)
+
         while step < cfg.optim.steps and not monitor.stop:
-            model.train()
-            loss_sum = torch.zeros((), device=cluster.device)
-            with monitor.probe.capture(model, step + 1):  # activation statistics every probe.period steps
-                for micro_step in range(acc):
-                    with monitor.phase("data"):
-                        tokens = next(stream).to(cluster.device, non_blocking=True)
-                    with monitor.phase("model"), cluster.gradient_sync(model, micro_step == acc - 1):
-                        with cluster.autocast():
-                            logits = model(tokens[:, :-1])
-                        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-                        (loss / acc).backward()
-                        loss_sum += loss.detach()
-            with monitor.phase("optim"):
-                grad_norm = clip_grad_norm(model, cfg.optim.clip)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            loss, metrics = train_step(
+                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, next_batch, loss_fn
+            )
             step += 1
             eval_due = cfg.evaluation.due(step, cfg.optim.steps)
             if eval_due and not cfg.evaluation.asynchronous:
                 with monitor.phase("eval"):
                     monitor.log_eval(step, evaluate(model, gssm, cfg, cluster))
             eval_checkpoint = eval_due and cfg.evaluation.asynchronous
-            loss = loss_sum.item() / acc
-            monitor.end_step(step, loss, tokens_per_step, eval_checkpoint, lr=lr, grad_norm=grad_norm)
+            monitor.end_step(step, loss, tokens_per_step, eval_checkpoint, **metrics)
 
 
 @cli_main

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from src.nanollama.monitor.checkpoint import list_checkpoints
 from src.nanollama.monitor.logger import read_jsonl
-from tests.conftest import run_module
+from tests.conftest import crash_after, losses, run_module
 
 CONFIG = "config=src/apps/gpt/configs/debug.yaml"
 TINY = [
@@ -32,19 +30,6 @@ def train(log_dir: Path, *args: str) -> subprocess.CompletedProcess:
     out = run_module("src.apps.gpt.train", CONFIG, f"orchestration.log_dir={log_dir}", *TINY, *args)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
-
-
-def losses(log_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl(log_dir / "metrics" / "raw_0.jsonl")}
-
-
-def crash_after(src: Path, dst: Path, step: int) -> None:
-    """A copy of a run as if it had died after its checkpoint at `step` (its later files still there)."""
-    shutil.copytree(src, dst)
-    for path in list_checkpoints(dst / "checkpoints"):
-        if int(path.name) > step:
-            shutil.rmtree(path)
-    assert int(list_checkpoints(dst / "checkpoints")[-1].name) == step
 
 
 def test_debug_run_learns_evaluates_and_generates(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from src.nanollama.monitor.checkpoint import has_eval_flag, list_checkpoints
 from src.nanollama.monitor.logger import read_jsonl
-from tests.conftest import ROOT, child_env, run_module
+from tests.conftest import ROOT, child_env, crash_after, losses, run_module
 
 CONFIG = "config=src/apps/gssm/configs/debug.yaml"
 TINY = [
@@ -39,22 +39,9 @@ def train(log_dir: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProc
     return out
 
 
-def losses(log_dir: Path, rank: int = 0) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl(log_dir / "metrics" / f"raw_{rank}.jsonl")}
-
-
 def profile_steps(log_dir: Path, rank: int = 0) -> list[int]:
     with open(log_dir / "metrics" / f"profile_{rank}.csv") as f:
         return [int(row["step"]) for row in csv.DictReader(f)]
-
-
-def crash_after(src: Path, dst: Path, step: int) -> None:
-    """A copy of a run as if it had died after its checkpoint at `step` (its later files still there)."""
-    shutil.copytree(src, dst)
-    for path in list_checkpoints(dst / "checkpoints"):
-        if int(path.name) > step:
-            shutil.rmtree(path)
-    assert int(list_checkpoints(dst / "checkpoints")[-1].name) == step
 
 
 def test_debug_run_writes_the_contracted_layout(tmp_path):

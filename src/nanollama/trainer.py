@@ -1,0 +1,82 @@
+"""The pieces every app's training loop shares: model construction, seeding, and one optimizer step.
+
+The loop itself stays in the app (data, loss, evaluation are the app's); what would otherwise be
+copied line by line between apps lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import Cluster
+from .model.attention import flex_backward_available
+from .model.transformer import Transformer, TransformerConfig
+from .monitor.monitor import Monitor
+from .optim import OptimConfig, clip_grad_norm
+
+logger = logging.getLogger(__name__)
+
+
+def build_transformer(cfg: TransformerConfig, seed: int, training: bool, device: torch.device) -> Transformer:
+    """Deterministic init from the global seed; flex falls back to sdpa where it cannot train."""
+    if training and cfg.attention == "flex" and not flex_backward_available(device):
+        logger.warning(f"FlexAttention has no backward on {device.type}: training with sdpa instead")
+        cfg.attention = "sdpa"
+    torch.manual_seed(seed)
+    return Transformer(cfg)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Per-rank Python, NumPy and torch streams (their states are checkpointed with the run)."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting tokens[:, 1:] from logits of tokens[:, :-1], in float32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cluster: Cluster,
+    monitor: Monitor,
+    cfg: OptimConfig,
+    step: int,
+    next_batch: Callable[[], Any],
+    loss_fn: Callable[[Any], torch.Tensor],
+) -> tuple[float, dict[str, float]]:
+    """One optimizer step over `cfg.accumulation_steps` micro-batches, timed by phase.
+
+    `next_batch()` draws a micro-batch, `loss_fn(batch)` returns its mean loss. Gradients are synced
+    only on the last micro-step. Returns the rank's mean loss and the step's lr and grad norm.
+    """
+    model.train()
+    acc = cfg.accumulation_steps
+    loss_sum = torch.zeros((), device=cluster.device)
+    with monitor.probe.capture(model, step + 1):  # activation statistics every probe.period steps
+        for micro_step in range(acc):
+            with monitor.phase("data"):
+                batch = next_batch()
+            with monitor.phase("model"), cluster.gradient_sync(model, micro_step == acc - 1):
+                with cluster.autocast():
+                    loss = loss_fn(batch)
+                (loss / acc).backward()
+                loss_sum += loss.detach()
+    with monitor.phase("optim"):
+        grad_norm = clip_grad_norm(model, cfg.clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss_sum.item() / acc, {"lr": lr, "grad_norm": grad_norm}
