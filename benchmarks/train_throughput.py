@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,30 +86,39 @@ def flops_per_token(model: Transformer, seq: int) -> float:
     return 6 * n + 12 * cfg.n_layers * cfg.dim * seq
 
 
+def time_steps(
+    steps: dict[str, Callable[[], float]], warmup: int, rounds: int, label: str
+) -> dict[str, list]:
+    """Seconds of each step over `rounds` rounds, after `warmup` untimed ones (compilation). Steps of a
+    round run back to back, the order reversed every other round, so machine noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    losses: dict[str, float] = {}
+    for name, step in steps.items():
+        t = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        print(f"  [{label}] {name}: {warmup} warmup steps in {time.perf_counter() - t:.1f}s", flush=True)
+    for i in range(rounds):
+        for name in list(steps)[:: 1 if i % 2 == 0 else -1]:
+            t = time.perf_counter()
+            losses[name] = steps[name]()
+            times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+        print(
+            f"  [{label}] {name}: step median {statistics.median(ts) * 1e3:.0f} ms, "
+            f"best {min(ts) * 1e3:.0f} ms, worst {max(ts) * 1e3:.0f} ms; final loss {losses[name]:.3f}"
+        )
+    return times
+
+
 def run_mode(mode: str, models: dict, args: argparse.Namespace) -> dict[str, float]:
     """Tokens/s of each model (median step) and the median over rounds of their paired speed ratio."""
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     steps = {name: make_step(name, m, mode == "compile", x, y) for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    losses: dict[str, float] = {}
-    for name, step in steps.items():  # warmup, includes compilation
-        t = time.perf_counter()
-        for _ in range(args.warmup):
-            step()
-        print(f"  [{mode}] {name}: {args.warmup} warmup steps in {time.perf_counter() - t:.1f}s", flush=True)
-    for i in range(args.steps):  # alternate, and swap who goes first each round
-        for name in list(steps)[:: 1 if i % 2 == 0 else -1]:
-            t = time.perf_counter()
-            losses[name] = steps[name]()
-            times[name].append(time.perf_counter() - t)
+    times = time_steps(steps, args.warmup, args.steps, mode)
     tokens = args.batch * args.seq
-    for name, ts in times.items():
-        print(
-            f"  [{mode}] {name}: step median {statistics.median(ts) * 1e3:.0f} ms, "
-            f"best {min(ts) * 1e3:.0f} ms, worst {max(ts) * 1e3:.0f} ms; final loss {losses[name]:.3f}"
-        )
     result = {name: tokens / statistics.median(ts) for name, ts in times.items()}
     # Steps of the same round ran back to back, under the same load from whatever else runs here.
     result["ratio"] = statistics.median(h / o for o, h in zip(times["ours"], times["hf"], strict=True))

@@ -20,11 +20,9 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / "tmp" / "inductor"))
 
 
 def child_env(**extra: str) -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    }
+    from src.nanollama.jobs import clean_env
+
+    env = clean_env()  # as from a fresh shell: no SLURM job or process group of ours (SLURM_CONF stays)
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
     return env
 

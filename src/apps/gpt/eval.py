@@ -62,6 +62,9 @@ def run_eval(cfg: EvalRunConfig) -> dict:
     return result
 
 
+CONFIG_CLASS = EvalRunConfig  # the launcher checks task configs with it
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     run_eval(load_config(EvalRunConfig, argv))

@@ -45,7 +45,7 @@ class EvaluationConfig:
 
 @dataclass
 class GenerationConfig:
-    period: int = 0  # steps between sample generations written to the text log (0: never)
+    period: int = 0  # steps between sample generations written to the text log, and at the end (0: never)
     prompts: list[str] = field(default_factory=lambda: ["The "])
     max_new_tokens: int = 64
     temperature: float = 0.8
@@ -54,8 +54,8 @@ class GenerationConfig:
         if self.period < 0 or self.max_new_tokens < 0 or self.temperature < 0:
             raise ConfigError("period", "period, max_new_tokens and temperature must be >= 0")
 
-    def due(self, step: int) -> bool:
-        return self.period > 0 and step % self.period == 0
+    def due(self, step: int, total_steps: int) -> bool:
+        return self.period > 0 and (step % self.period == 0 or step == total_steps)
 
 
 @torch.no_grad()

@@ -36,6 +36,9 @@ def run_generate(cfg: GenerateConfig) -> str:
     return text
 
 
+CONFIG_CLASS = GenerateConfig  # the launcher checks task configs with it
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     run_generate(load_config(GenerateConfig, argv))

@@ -5,7 +5,9 @@
 
 Rows pack several documents; attention is masked at document boundaries. Evaluation lines report the
 validation loss, perplexity and bits per byte; every `generation.period` steps sample completions of
-`generation.prompts` go to the text log.
+`generation.prompts` go to the text log. The run is `optim.steps` long, or with `data.epochs` > 0 exactly
+as long as those epochs of the data (`optim.steps` is then set from the stream). Every checkpoint logs
+and records (`data_{rank}.json`) how much of each source it has consumed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -62,6 +65,22 @@ def build_model(cfg: TrainConfig, training: bool, device: torch.device) -> Trans
     return build_transformer(cfg.model, cfg.orchestration.seed, training, device)
 
 
+def gpt_loss(model: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    """Next-token loss of packed rows; the document mask keeps attention inside each document."""
+    tokens, doc_ids = batch
+    return causal_lm_loss(model(tokens[:, :-1], doc_ids=doc_ids[:, :-1]), tokens)
+
+
+def steps_in_epochs(stream: TextStream, cluster: Cluster, accumulation_steps: int) -> int:
+    """Optimizer steps of a `data.epochs`-long run: the fewest batches any rank's shard gives (shards
+    hold as many documents but not as many tokens), so that every rank stops at the same step."""
+    batches = -cluster.all_reduce([-float(stream.count_batches())], op="max")[0]
+    steps = int(batches) // accumulation_steps
+    if steps < 1:
+        raise ConfigError("data.epochs", f"{stream.cfg.epochs} epochs give {int(batches)} batches per rank")
+    return steps
+
+
 def log_samples(model: torch.nn.Module, tokenizer: Tokenizer, cfg: TrainConfig, step: int) -> None:
     gen = cfg.generation
     seed = cfg.orchestration.seed
@@ -79,6 +98,8 @@ def train(cfg: TrainConfig) -> None:
         seed, rank = cfg.orchestration.seed, cluster.rank
         data = dataclasses.replace(cfg.data, batch_size=micro)
         stream = TextStream(data, tokenizer, "train", rank, cluster.world_size)
+        if cfg.data.epochs:  # the run is as long as the data
+            cfg.optim.steps = steps_in_epochs(stream, cluster, acc)
 
         monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
         stream = stack.enter_context(stream)
@@ -88,14 +109,13 @@ def train(cfg: TrainConfig) -> None:
         seed_everything(seed, rank)
         step = monitor.resume(model, optimizer, scheduler, stream)
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        logger.info(f"training from step {step} to {cfg.optim.steps}, {micro} rows/rank/micro-step")
+        length = f" ({cfg.data.epochs} epochs of the data)" if cfg.data.epochs else ""
+        logger.info(f"training from step {step} to {cfg.optim.steps}{length}, {micro} rows/rank/micro-step")
 
         def next_batch() -> list[torch.Tensor]:
             return [t.to(cluster.device, non_blocking=True) for t in next(stream)]
 
-        def loss_fn(batch: list[torch.Tensor]) -> torch.Tensor:
-            tokens, doc_ids = batch  # the document mask keeps attention inside each packed document
-            return causal_lm_loss(model(tokens[:, :-1], doc_ids=doc_ids[:, :-1]), tokens)
+        loss_fn = partial(gpt_loss, model)
 
         while step < cfg.optim.steps and not monitor.stop:
             loss, metrics = train_step(
@@ -105,9 +125,12 @@ def train(cfg: TrainConfig) -> None:
             with monitor.phase("eval"):
                 if cfg.evaluation.due(step, cfg.optim.steps):
                     monitor.log_eval(step, evaluate(model, tokenizer, cfg, cluster))
-                if cfg.generation.due(step):
+                if cfg.generation.due(step, cfg.optim.steps):
                     log_samples(model, tokenizer, cfg, step)
             monitor.end_step(step, loss, tokens_per_step, **metrics)
+
+
+CONFIG_CLASS = TrainConfig  # the launcher checks task configs with it
 
 
 @cli_main

@@ -93,6 +93,9 @@ def report(r: dict, cfg: EvalRunConfig) -> str:
     return "\n".join(lines)
 
 
+CONFIG_CLASS = EvalRunConfig  # the launcher checks task configs with it
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     run_eval(load_config(EvalRunConfig, argv))

@@ -106,6 +106,9 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CONFIG_CLASS = ProbeRunConfig  # the launcher checks task configs with it
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     run_probe(load_config(ProbeRunConfig, argv))

@@ -91,6 +91,9 @@ def train(cfg: TrainConfig) -> None:
             monitor.end_step(step, loss, tokens_per_step, eval_checkpoint, **metrics)
 
 
+CONFIG_CLASS = TrainConfig  # the launcher checks task configs with it
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     train(load_config(TrainConfig, argv))

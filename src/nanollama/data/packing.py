@@ -6,11 +6,14 @@
 - at each document draw the source is chosen with probability proportional to its weight; each source
   walks its documents in a per-epoch permutation of (seed, source, epoch), rank r of w taking every w-th;
 - the state (per-source epoch and position, the RNG, the tokens not yet emitted) is a small JSON object,
-  so a resumed stream yields exactly the batches an uninterrupted one would.
+  so a resumed stream yields exactly the batches an uninterrupted one would;
+- `consumed()` says how much of each source the stream has read (epochs, documents, tokens), for the
+  record a checkpoint keeps; `count_batches()` is the exact length of an `epochs`-long stream.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +101,22 @@ class TokenFileDocuments:
         return np.asarray(self.tokens[start:end], dtype=np.int64)
 
 
+class DocumentLengths:
+    """Stand-in for a source's documents: zeros of each document's length, for a dry run of the stream
+    (each length computed once, on first draw)."""
+
+    def __init__(self, docs: TextDocuments | TokenFileDocuments):
+        self.docs, self.lengths = docs, {}
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if i not in self.lengths:
+            self.lengths[i] = len(self.docs[i])
+        return np.zeros(self.lengths[i], dtype=np.int64)
+
+
 def token_file_paths(tokens_file: str | Path) -> tuple[Path, Path]:
     """`x.npy` -> (`x.docs.npy`, `x.meta.json`): the document offsets and the description of the file."""
     stem = str(tokens_file).removesuffix(".npy")
@@ -145,7 +164,7 @@ class TextStream:
             raise ConfigError("split", f"must be train or valid, got {split!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got {rank=}, {world_size=}")
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
         if cfg.tokens_file and split == "train":
             self.sources = open_token_file(cfg, tokenizer)
         else:
@@ -157,12 +176,17 @@ class TextStream:
                 raise ConfigError(f"sources.{i}", f"{len(docs)} {split} documents for {world_size} ranks")
         weights = np.asarray([s.weight for s in cfg.sources], dtype=np.float64)
         self.probs = weights / weights.sum()
-        self.rng = np.random.default_rng([cfg.seed, SPLITS[split], rank])
-        self.epoch = [0] * len(self.sources)
-        self.position = [0] * len(self.sources)
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its shard)
+        self._start()
+
+    def _start(self) -> None:
+        """The state of a stream that has returned nothing yet."""
+        n = len(self.sources)
+        self.rng = np.random.default_rng([self.cfg.seed, SPLITS[self.split], self.rank])
+        self.epoch, self.position = [0] * n, [0] * n
+        self.documents, self.tokens = [0] * n, [0] * n  # drawn from each source, for `consumed`
         self.buffer = np.zeros(0, dtype=np.int64)  # tokens drawn but not yet emitted
         self.buffer_docs = np.zeros(0, dtype=np.int64)  # their document ids, counted from the buffer's first
-        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its shard)
 
     def __enter__(self) -> TextStream:
         return self
@@ -192,6 +216,8 @@ class TextStream:
         shard = self.shard(s, self.epoch[s])
         doc = self.sources[s][int(shard[self.position[s]])]
         self.position[s] += 1
+        self.documents[s] += 1
+        self.tokens[s] += len(doc)
         if self.position[s] == len(shard):
             self.epoch[s], self.position[s] = self.epoch[s] + 1, 0
         return doc
@@ -207,8 +233,6 @@ class TextStream:
         self.buffer, self.buffer_docs = np.concatenate(docs), np.concatenate(ids)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cfg.epochs and self.epoch[0] >= self.cfg.epochs:
-            raise StopIteration
         row, batch = self.cfg.seq_len + 1, self.cfg.batch_size
         before = self.state_dict()
         try:
@@ -224,23 +248,44 @@ class TextStream:
             self.buffer_docs = self.buffer_docs - self.buffer_docs[0]
         return torch.from_numpy(tokens.copy()), torch.from_numpy(docs)
 
-    def consumed(self) -> dict[str, dict]:
-        """Per source: completed epochs and how far into the current one this rank is (for logs)."""
-        out = {}
+    def count_batches(self) -> int:
+        """Batches a fresh stream returns before its `epochs` end: a dry run of the same draws over document
+        lengths only (each document tokenized once), so exact, rank by rank."""
+        if not self.cfg.epochs:
+            raise ValueError("an endless stream (epochs=0) has no length")
+        dry = copy.copy(self)
+        dry.sources, dry._orders = [DocumentLengths(docs) for docs in self.sources], {}
+        dry._start()
+        return sum(1 for _ in dry)
+
+    def consumed(self) -> list[dict]:
+        """What this rank has read of each source: completed epochs, the position in the current one
+        (`epochs` counts both), documents and tokens drawn (the last few may still wait in the buffer,
+        which the stream's state keeps). One flat, JSON-able record per source."""
+        out = []
         for i, (s, docs) in enumerate(zip(self.cfg.sources, self.sources)):
             per_epoch = len(docs) // self.world_size
-            name = f"{i}:{s.path or 'demo'}"
-            out[name] = {
+            record = {
+                "source": i,
+                "path": s.path or "demo",
                 "epoch": self.epoch[i],
                 "position": self.position[i],
+                "epoch_documents": per_epoch,
                 "epochs": self.epoch[i] + self.position[i] / per_epoch,
+                "documents": self.documents[i],
+                "tokens": self.tokens[i],
             }
+            if self.cfg.tokens_file and self.split == "train":
+                record["tokens_file"] = self.cfg.tokens_file
+            out.append(record)
         return out
 
     def state_dict(self) -> dict:
         return {
             "epoch": list(self.epoch),
             "position": list(self.position),
+            "documents": list(self.documents),
+            "tokens": list(self.tokens),
             "rng": self.rng.bit_generator.state,
             "buffer": self.buffer.tolist(),
             "buffer_docs": self.buffer_docs.tolist(),
@@ -255,6 +300,9 @@ class TextStream:
                 f"this stream has {len(self.sources)} on {self.world_size}"
             )
         self.epoch, self.position = [int(e) for e in state["epoch"]], [int(p) for p in state["position"]]
+        zeros = [0] * len(self.sources)  # states saved before these counters existed
+        self.documents = [int(d) for d in state.get("documents", zeros)]
+        self.tokens = [int(t) for t in state.get("tokens", zeros)]
         self.rng.bit_generator.state = state["rng"]
         self.buffer = np.asarray(state["buffer"], dtype=np.int64)
         self.buffer_docs = np.asarray(state["buffer_docs"], dtype=np.int64)

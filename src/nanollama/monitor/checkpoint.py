@@ -4,6 +4,7 @@ Layout of one checkpoint, `checkpoints/{step:010d}/`:
     dcp/            model + optimizer through torch.distributed.checkpoint (sharded under FSDP)
     model.pt        consolidated model weights, for evaluation and notebooks
     state_{rank}.pt everything else a rank needs to continue exactly (step, scheduler, data, RNG, ...)
+    data_{rank}.json what the rank's data loader had consumed (sources, epochs, documents, tokens), to read
     eval            present while an evaluation of this checkpoint is pending
 
 A checkpoint is written to `.tmp-{step}` and renamed when complete, so a crash mid-save never
@@ -13,6 +14,7 @@ leaves a folder that a restart would load. `keep_only` never removes an eval-fla
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -162,8 +164,11 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         rank_state: dict[str, Any],
         eval_flag: bool = False,
+        records: dict[str, Any] | None = None,
     ) -> Path:
-        """Write checkpoint `step` atomically; an existing one of the same step only gains the flag."""
+        """Write checkpoint `step` atomically; an existing one of the same step only gains the flag.
+
+        `records` maps file names to JSON-able objects this rank writes into the checkpoint."""
         final = self.root / checkpoint_name(step)
         if final.exists():
             if eval_flag and self.rank == 0:
@@ -180,6 +185,8 @@ class Checkpointer:
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "dcp")
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         torch.save(rank_state, tmp / f"state_{self.rank}.pt")
+        for name, record in (records or {}).items():
+            (tmp / name).write_text(json.dumps(record, indent=1) + "\n")
         if self.rank == 0:
             torch.save(full, tmp / "model.pt")
             if eval_flag:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -54,7 +56,12 @@ def process_info() -> str:
 
 
 class JsonlWriter:
-    """Append-only JSON lines; its state is the byte offset, so a resume drops lines past the checkpoint."""
+    """Append-only JSON lines; its state is the byte offset, so a resume drops lines past the checkpoint.
+
+    Evaluation jobs append to the same files from other processes; their lines name the checkpoint they
+    evaluated, belong to no step of this process, and survive the truncation. A file lock keeps the
+    truncation and their appends apart.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -70,17 +77,34 @@ class JsonlWriter:
             self.file.close()
             self.file = None
 
+    @contextlib.contextmanager
+    def _locked(self):
+        fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with self._locked():
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def state_dict(self) -> dict:
         return {"offset": self.file.tell()}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.path.stat().st_size > state["offset"]:
-            self.file.truncate(state["offset"])
-        self.file.seek(0, os.SEEK_END)
+        with self._locked():
+            offset = state["offset"]
+            if self.path.stat().st_size > offset:
+                with open(self.path) as f:
+                    f.seek(offset)
+                    kept = [line for line in f if line.strip() and "checkpoint" in json.loads(line)]
+                self.file.truncate(offset)
+                self.file.seek(0, os.SEEK_END)
+                self.file.writelines(kept)
+                self.file.flush()
+            self.file.seek(0, os.SEEK_END)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

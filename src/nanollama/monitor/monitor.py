@@ -22,7 +22,15 @@ from torch import nn
 
 from ..config import ConfigError, RunError, to_dict, to_yaml
 from ..distributed import Cluster
-from .checkpoint import CheckpointConfig, Checkpointer, latest_checkpoint, rng_state, set_rng_state
+from ..jobs import EvalJobConfig, submit_eval_job
+from .checkpoint import (
+    CheckpointConfig,
+    Checkpointer,
+    checkpoint_name,
+    latest_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from .logger import JsonlWriter, LoggingConfig, process_info, setup_logging
 from .preemption import PreemptionHandler
 from .probe import ActivationProbe, ProbeConfig
@@ -42,13 +50,13 @@ class OrchestrationConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-
-    def __post_init__(self) -> None:
-        self.log_dir = self.log_dir or f"runs/{self.name}"
+    eval_job: EvalJobConfig = field(default_factory=EvalJobConfig)
 
     def check(self) -> None:
         if not self.name:
             raise ConfigError("name", "must not be empty")
+        # resolved here, after the merge: a dataclass default (__post_init__) only sees the default name
+        self.log_dir = self.log_dir or f"runs/{self.name}"
         if self.log_dir and Path(self.log_dir).exists() and not Path(self.log_dir).is_dir():
             raise ConfigError("log_dir", f"{self.log_dir} exists and is not a folder")
 
@@ -151,8 +159,31 @@ class Monitor:
         }
 
     def save_checkpoint(self, eval_flag: bool = False) -> Path:
+        """Save; a loader with `consumed()` (a list of flat records, one per source) also has what it has
+        read logged and written to `data_{rank}.json` beside the checkpoint."""
         o = self.objects
-        return self.checkpointer.save(self.step, o["model"], o["optimizer"], self.rank_state(), eval_flag)
+        records = {}
+        if hasattr(o["loader"], "consumed"):
+            sources = o["loader"].consumed()
+            records[f"data_{self.rank}.json"] = {"step": self.step, "rank": self.rank, "sources": sources}
+            if not (self.checkpointer.root / checkpoint_name(self.step)).exists():
+                for record in sources:
+                    logger.info(f"data consumed at step {self.step}: " + _fields(record))
+        path = self.checkpointer.save(
+            self.step, o["model"], o["optimizer"], self.rank_state(), eval_flag, records
+        )
+        if eval_flag and self.cluster.is_main and self.cfg.eval_job.script:
+            self._submit_eval(path)
+        return path
+
+    def _submit_eval(self, path: Path) -> None:
+        """A failed submission must not stop training: the flag stays, and eval.py can be run by hand."""
+        job = self.cfg.eval_job
+        try:
+            job_id = submit_eval_job(job, self.log_dir, path)
+            logger.info(f"eval job {job_id} ({job.launcher}) submitted for {path}")
+        except Exception as e:  # noqa: BLE001
+            logger.error(f"could not submit the eval job for {path} ({type(e).__name__}: {e}); run eval.py")
 
     # ---- per step ------------------------------------------------------------------------------
 
@@ -163,7 +194,7 @@ class Monitor:
         record = {"step": step, **metrics}
         self.evals.write(record)
         self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        logger.info("eval " + " ".join(f"{k}={_short(v)}" for k, v in record.items()))
+        logger.info("eval " + _fields(record))
 
     def end_step(
         self, step: int, loss: float, tokens: int, eval_checkpoint: bool = False, **metrics: float
@@ -209,11 +240,15 @@ class Monitor:
         record["eta_s"] = elapsed / max(done, 1) * (self.total_steps - step)
         self.raw.write(record)
         self.wandb.log(record, step=step)
-        logger.info(" ".join(f"{k}={_short(v)}" for k, v in record.items()))
+        logger.info(_fields(record))
 
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _fields(record: dict) -> str:
+    return " ".join(f"{k}={_short(v)}" for k, v in record.items())
 
 
 def _write_atomic(path: Path, text: str) -> None:

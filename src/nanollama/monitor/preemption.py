@@ -1,4 +1,7 @@
-"""SIGUSR1/SIGTERM ask the run to finish its step, checkpoint and exit cleanly."""
+"""SIGUSR1/SIGUSR2/SIGTERM ask the run to finish its step, checkpoint and exit cleanly.
+
+SLURM jobs are signalled with SIGUSR2 before their time limit (submitit's choice) and requeued.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import signal
 
 logger = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 class PreemptionHandler:

@@ -1,4 +1,4 @@
-"""A run's log dir as pandas DataFrames, so that plotting notebooks stay a few lines long.
+"""A run's log dir, or a whole sweep's, as pandas DataFrames, so that plotting notebooks stay short.
 
 Reads the files of the log-dir layout (see monitor.py): `metrics/raw_{rank}.jsonl`, `eval_{rank}.jsonl`,
 `probe_{rank}.jsonl`, `profile_{rank}.csv`, `probe_accuracy.json` and `config.yaml`. A missing file gives
@@ -45,3 +45,45 @@ def run_config(log_dir: str | os.PathLike) -> dict:
 
 def _by_step(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values("step", kind="stable", ignore_index=True) if "step" in frame else frame
+
+
+def load_sweep(log_dir: str | os.PathLike, kind: str = "raw", rank: int = 0) -> pd.DataFrame:
+    """A sweep's metrics of one kind ("raw", "eval", "probe", "profile") in one table: a row per task
+    and step, with the task's index, its state and its grid values (a column per dotted key)."""
+    status = sweep_status(log_dir)
+    frames = []
+    for task in status.to_dict("records"):
+        run_dir = Path(log_dir) / "runs" / str(task["task"])
+        if not (run_dir / "metrics").is_dir():
+            continue  # not started yet
+        frame = load_run(run_dir, rank)[kind]
+        if len(frame):
+            frames.append(frame.assign(**{k: [v] * len(frame) for k, v in task.items()}))
+    columns = list(status.columns)
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    table = pd.concat(frames, ignore_index=True)
+    return table[columns + [c for c in table.columns if c not in columns]]
+
+
+def sweep_status(log_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per task of a sweep: index, state (pending, running, requeued, done, failed), exit code
+    and grid values. States come from the tasks' own status files, never from SLURM accounting."""
+    log_dir = Path(log_dir)
+    if not (log_dir / "sweep.yaml").is_file():
+        raise FileNotFoundError(f"{log_dir} is not a sweep folder (no sweep.yaml)")
+    sweep = yaml.safe_load((log_dir / "sweep.yaml").read_text())
+    rows = []
+    for task in sweep["tasks"]:
+        path = log_dir / "tasks" / f"{task['index']}.status"
+        state = json.loads(path.read_text()) if path.is_file() else {"state": "pending"}
+        values = {k: _cell(v) for k, v in task["values"].items()}
+        rows.append(
+            {"task": task["index"], "state": state["state"], "exit_code": state.get("exit_code"), **values}
+        )
+    return pd.DataFrame(rows)
+
+
+def _cell(value: object) -> object:
+    """Grid values that are lists or mappings become their JSON text, so they can label rows."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value

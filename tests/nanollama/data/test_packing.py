@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import json
 
@@ -114,7 +115,8 @@ def test_epochs_stop_after_one_pass_and_are_counted(corpora):
     with TextStream(cfg, TOK) as stream:
         batches = list(stream)
         # every document was drawn; the part of the last ones short of a full batch is never emitted
-        assert stream.consumed()[f"0:{corpora[0]}"] == {"epoch": 1, "position": 0, "epochs": 1.0}
+        (record,) = stream.consumed()
+        assert (record["epoch"], record["position"], record["epochs"], record["documents"]) == (1, 0, 1.0, 40)
         with pytest.raises(StopIteration):
             next(stream)
     docs = split_docs(flat(batches))
@@ -122,7 +124,56 @@ def test_epochs_stop_after_one_pass_and_are_counted(corpora):
     with TextStream(make_cfg(corpora[:1]), TOK) as endless:
         for _ in range(len(batches) * 3):
             next(endless)
-        assert endless.consumed()[f"0:{corpora[0]}"]["epoch"] >= 2
+        assert endless.consumed()[0]["epoch"] >= 2
+
+
+def test_consumed_counts_what_each_source_gave(corpora):
+    cfg = make_cfg(corpora, weights=[2.0, 1.0])
+    with TextStream(cfg, TOK, rank=1, world_size=2) as stream:
+        n = 0
+        for epochs_before in [[0, 0], *[[r["epoch"] for r in stream.consumed()] for _ in range(3)]]:
+            for _ in range(17):
+                next(stream)
+            n += 17
+            a, b = stream.consumed()
+            assert [a["epoch"], b["epoch"]] >= epochs_before  # values move on from one look to the next
+            # every token drawn was emitted in a row or waits in the buffer; positions count documents
+            assert a["tokens"] + b["tokens"] == n * 3 * 16 + len(stream.buffer)
+            for r, n_docs in [(a, 40), (b, 30)]:
+                assert r["epoch_documents"] == n_docs // 2
+                assert r["documents"] == r["epoch"] * r["epoch_documents"] + r["position"]
+                assert r["epochs"] == pytest.approx(r["epoch"] + r["position"] / r["epoch_documents"])
+        assert a["epoch"] >= 1 and b["epoch"] >= 1 and a["documents"] > b["documents"]
+        assert (a["source"], a["path"], b["path"]) == (0, corpora[0], corpora[1])
+        resumed = TextStream(cfg, TOK, rank=1, world_size=2)
+        resumed.load_state_dict(json.loads(json.dumps(stream.state_dict())))
+        assert resumed.consumed() == stream.consumed()
+        json.dumps(stream.consumed())  # goes as is into the checkpoint's record
+
+
+@pytest.mark.parametrize(
+    "weights, rank, world_size, epochs",
+    [([1.0], 0, 1, 1), ([1.0], 1, 2, 3), ([2.0, 1.0], 0, 1, 2), ([1.0, 3.0], 2, 3, 1)],
+)
+def test_count_batches_is_the_exact_length_of_the_stream(corpora, weights, rank, world_size, epochs):
+    cfg = make_cfg(corpora[: len(weights)], weights=weights, epochs=epochs)
+    with TextStream(cfg, TOK, rank=rank, world_size=world_size) as stream:
+        counted = stream.count_batches()
+        batches = list(stream)
+        assert counted == len(batches) > 0
+        # the last documents, short of a whole batch, are neither emitted nor counted
+        assert epochs - 0.5 < stream.consumed()[0]["epochs"] <= epochs
+        assert len(stream.buffer) < 3 * 16
+    with pytest.raises(ValueError, match="endless"):
+        TextStream(make_cfg(corpora[:1]), TOK).count_batches()
+
+
+def test_an_epoch_ends_after_the_whole_batches_of_its_last_document(tmp_path):
+    (tmp_path / "long").mkdir()
+    for i in range(5):  # 302 tokens a document, batches of 48: the last one alone fills six batches
+        (tmp_path / "long" / f"{i}.txt").write_text(f"{i}" * 300)
+    with TextStream(make_cfg([str(tmp_path / "long")], epochs=1), TOK) as stream:
+        assert len(list(stream)) == stream.count_batches() == 5 * 302 // 48
 
 
 def test_state_after_stop_is_that_of_the_last_batch(corpora):
@@ -160,6 +211,14 @@ def test_pretokenized_file_gives_the_same_batches(corpora, tmp_path):
         a, b = next(on_the_fly), next(from_file)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert from_file.state_dict() == on_the_fly.state_dict()
+    assert [r["tokens_file"] for r in from_file.consumed()] == [str(out)] * 2
+    assert [{k: v for k, v in r.items() if k != "tokens_file"} for r in from_file.consumed()] == (
+        on_the_fly.consumed()
+    )
+    epochs = make_cfg(corpora, epochs=2)
+    assert TextStream(dataclasses.replace(epochs, tokens_file=str(out)), TOK).count_batches() == (
+        TextStream(epochs, TOK).count_batches()
+    )
     with pytest.raises(ConfigError, match="tokens_file"):
         TextStream(make_cfg(corpora[:1], tokens_file=str(out)), TOK)
 

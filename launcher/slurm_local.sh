@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# A one-node SLURM on localhost, for the launcher tests and for trying sweeps without a cluster.
+#
+#   bash launcher/slurm_local.sh start    # installs slurm-wlm and munge if missing, starts the daemons
+#   bash launcher/slurm_local.sh status   # daemons and sinfo
+#   bash launcher/slurm_local.sh stop     # stops them by pid
+#   eval "$(bash launcher/slurm_local.sh env)"   # SLURM_CONF for sbatch, squeue, scancel ...
+#
+# Everything lives in $NANOLLAMA_SLURM_DIR (default /tmp/nanollama-slurm). Needs root (apt, SlurmUser=root).
+set -euo pipefail
+
+DIR="${NANOLLAMA_SLURM_DIR:-/tmp/nanollama-slurm}"
+CONF="$DIR/slurm.conf"
+CPUS="${NANOLLAMA_SLURM_CPUS:-$(nproc)}"
+
+install() {
+    command -v slurmctld >/dev/null && command -v munged >/dev/null && return
+    if ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ]; then
+        echo "error: slurm-wlm and munge are missing and cannot be installed here (needs root and apt)" >&2
+        exit 2
+    fi
+    echo "installing slurm-wlm and munge with apt"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >"$DIR/apt.log" 2>&1 ||
+        { echo "error: apt-get install slurm-wlm munge failed, see $DIR/apt.log" >&2; exit 2; }
+}
+
+write_config() {
+    mkdir -p "$DIR/munge" "$DIR/state" "$DIR/spool" "$DIR/log"
+    chmod 755 "$DIR" "$DIR/munge"
+    [ -f "$DIR/munge.key" ] || { head -c 1024 /dev/urandom >"$DIR/munge.key"; chmod 400 "$DIR/munge.key"; }
+    cat >"$CONF" <<EOF
+ClusterName=nanollama
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort=${NANOLLAMA_SLURM_PORT:-6817}
+SlurmdPort=$(( ${NANOLLAMA_SLURM_PORT:-6817} + 1 ))
+AuthType=auth/munge
+AuthInfo=socket=$DIR/munge/munge.socket
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+ReturnToService=2
+KillWait=30
+MinJobAge=300
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
+
+start() {
+    mkdir -p "$DIR"
+    install
+    if pid_alive "$DIR/slurmctld.pid"; then
+        echo "already running (stop it first)"; status; return
+    fi
+    write_config
+    munged -F --socket="$DIR/munge/munge.socket" --key-file="$DIR/munge.key" \
+        --pid-file="$DIR/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge.seed" \
+        >/dev/null 2>&1 &
+    echo $! >"$DIR/munged.pid.bg"
+    for _ in $(seq 50); do [ -S "$DIR/munge/munge.socket" ] && break; sleep 0.1; done
+    export SLURM_CONF="$CONF"
+    slurmctld -D -f "$CONF" >>"$DIR/log/slurmctld.out" 2>&1 &
+    echo $! >"$DIR/slurmctld.pid.bg"
+    slurmd -D -N localhost -f "$CONF" >>"$DIR/log/slurmd.out" 2>&1 &
+    echo $! >"$DIR/slurmd.pid.bg"
+    for _ in $(seq 100); do
+        if sinfo -h -o %t 2>/dev/null | grep -qx idle; then
+            echo "SLURM is up: node localhost idle, $CPUS cpus; export SLURM_CONF=$CONF"
+            return
+        fi
+        sleep 0.2
+    done
+    echo "error: the node did not become idle in 20 s; logs in $DIR/log" >&2
+    stop >/dev/null
+    exit 1
+}
+
+stop() {
+    for name in slurmd slurmctld munged; do
+        for pidfile in "$DIR/$name.pid.bg" "$DIR/$name.pid"; do
+            if pid_alive "$pidfile"; then kill "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true; fi
+        done
+    done
+    for name in slurmd slurmctld munged; do
+        for _ in $(seq 50); do pid_alive "$DIR/$name.pid.bg" || break; sleep 0.1; done
+        rm -f "$DIR/$name.pid.bg"
+    done
+    rm -rf "$DIR/state" "$DIR/spool"
+    echo "SLURM stopped"
+}
+
+status() {
+    for name in munged slurmctld slurmd; do
+        if pid_alive "$DIR/$name.pid.bg"; then echo "$name: running (pid $(cat "$DIR/$name.pid.bg"))"
+        else echo "$name: stopped"; fi
+    done
+    if pid_alive "$DIR/slurmctld.pid.bg"; then SLURM_CONF="$CONF" sinfo; fi
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    status) status ;;
+    env) echo "export SLURM_CONF=$CONF" ;;
+    *) echo "usage: bash launcher/slurm_local.sh start|status|stop|env" >&2; exit 2 ;;
+esac

@@ -1,0 +1,154 @@
+"""The launcher against a real one-node SLURM started on this machine by `launcher/slurm_local.sh`.
+
+Slow (about three minutes): run with `make test-slow`. Skipped, with the reason, where SLURM cannot be
+installed or started (no root, no apt).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from src.nanollama.jobs import squeue_jobs
+from src.nanollama.monitor.checkpoint import has_eval_flag, list_checkpoints
+from src.nanollama.monitor.logger import read_jsonl
+from src.nanollama.monitor.results import load_sweep, sweep_status
+from tests.conftest import ROOT, losses, run_module
+from tests.nanollama.test_launcher import SWEEP, TINY, TRAIN, launch
+
+pytestmark = pytest.mark.slow
+
+SLURM_DIR = Path(os.environ.get("NANOLLAMA_SLURM_DIR", "/tmp/nanollama-slurm"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_slurm():
+    """Start the local SLURM for this module (or use the one already running), stop it if we started it."""
+    script = ROOT / "launcher" / "slurm_local.sh"
+    was_running = (
+        "slurmctld: running"
+        in subprocess.run(["bash", str(script), "status"], capture_output=True, text=True).stdout
+    )
+    if not was_running:
+        start = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=600)
+        if start.returncode != 0:
+            pytest.skip(f"no local SLURM: {start.stderr.strip() or start.stdout.strip()}")
+    os.environ["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")
+    yield
+    if not was_running:
+        subprocess.run(["bash", str(script), "stop"], capture_output=True, timeout=120)
+
+
+def launch_debug(log_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """The GSSM debug run as a one-task job on the local SLURM."""
+    config = ROOT / "src/apps/gssm/configs/debug.yaml"
+    return launch(
+        f"script={TRAIN}", f"config={config}", "launcher=sbatch", f"launcher.log_dir={log_dir}", *args
+    )
+
+
+def submitted_job(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 0, out.stderr
+    words = out.stdout.split("submitted job ")[1].split(":")[0]
+    return words.strip()
+
+
+def wait_for(job_id: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while squeue_jobs(job_id):
+        assert time.time() < deadline, f"job {job_id} still queued: {squeue_jobs(job_id)}"
+        time.sleep(1)
+
+
+def job_states(job_id: str, states: str = "all") -> list[str]:
+    select = ["-j", job_id] if job_id else []
+    out = subprocess.run(["squeue", "-h", "-t", states, *select, "-o", "%T"], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def wait_until(condition, timeout: float = 120, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_sweep_through_sbatch_runs_every_task(tmp_path):
+    log_dir = tmp_path / "sweep"
+    out = launch(
+        f"script={TRAIN}", f"config={SWEEP}", "launcher=sbatch", f"launcher.log_dir={log_dir}", *TINY
+    )
+    job = submitted_job(out)
+    assert "4 task(s)" in out.stdout
+    script = next((log_dir / "submitit").glob("*_submission.sh")).read_text()
+    assert "#SBATCH --array=0-3%4" in script and "#SBATCH --signal=USR2@60" in script
+    wait_for(job)
+    status = sweep_status(log_dir)
+    assert list(status["state"]) == ["done"] * 4, status
+    for task in status.to_dict("records"):
+        run = yaml.safe_load((log_dir / "runs" / str(task["task"]) / "config.yaml").read_text())
+        assert (run["optim"]["lr"], run["model"]["dim"]) == (task["optim.lr"], task["model.dim"])
+        assert losses(log_dir / "runs" / str(task["task"]))
+    assert len(load_sweep(log_dir)) == 8
+
+
+def test_signalled_task_checkpoints_requeues_and_ends_like_an_uninterrupted_run(tmp_path):
+    log_dir = tmp_path / "sweep"
+    args = [*TINY, "optim.steps=300", "orchestration.logging.period=10", "model.n_layers=1"]
+    out = launch_debug(log_dir, *args)
+    job = submitted_job(out)
+    raw = log_dir / "runs" / "0" / "metrics" / "raw_0.jsonl"
+    wait_until(lambda: raw.is_file() and len(raw.read_text().splitlines()) >= 3, what="training to start")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before the time limit
+    status = log_dir / "tasks" / "0.status"
+    wait_until(lambda: '"requeued"' in status.read_text(), what="the requeue")
+    # SLURM holds a requeued job back two minutes; once the old one is cleaned up, let it start now
+    wait_until(lambda: job_states(job) == ["PENDING"] and not job_states("", "CG"), what="the requeued job")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    wait_until(lambda: '"done"' in status.read_text(), timeout=300, what="the resumed run")
+    wait_for(job)
+    steps = [int(p.name) for p in list_checkpoints(log_dir / "runs" / "0" / "checkpoints")]
+    assert steps[-1] == 300
+    reference = tmp_path / "reference"
+    done = run_module(TRAIN, f"config={log_dir / 'tasks' / '0.yaml'}", f"orchestration.log_dir={reference}")
+    assert done.returncode == 0, done.stderr
+    assert losses(log_dir / "runs" / "0") == losses(reference)
+    assert "preempted" in (log_dir / "runs" / "0" / "logs" / "rank_0.log").read_text()
+
+
+def test_torchrun_task_runs_two_processes_on_one_node(tmp_path):
+    log_dir = tmp_path / "sweep"
+    torchrun = ["torchrun=true", "launcher.nproc_per_node=2", "launcher.slurm.cpus_per_task=2"]
+    out = launch_debug(log_dir, *torchrun, *TINY)
+    wait_for(submitted_job(out))
+    assert list(sweep_status(log_dir)["state"]) == ["done"]
+    run = log_dir / "runs" / "0"
+    assert losses(run, 0).keys() == losses(run, 1).keys() == {3, 6}
+
+
+def test_async_eval_job_on_slurm_clears_its_flag(tmp_path):
+    log_dir = tmp_path / "sweep"
+    args = [*TINY, "evaluation.period=3", "evaluation.asynchronous=true", "model.n_layers=1"]
+    out = launch_debug(log_dir, *args)
+    wait_for(submitted_job(out))
+    run = log_dir / "runs" / "0"
+    checkpoints = list_checkpoints(run / "checkpoints")
+    assert [int(p.name) for p in checkpoints] == [3, 6]
+    wait_until(lambda: not squeue_jobs(""), timeout=300, what="the eval jobs")
+    assert not any(has_eval_flag(p) for p in checkpoints)
+    lines = [r for r in read_jsonl(run / "metrics" / "eval_0.jsonl") if "checkpoint" in r]
+    assert sorted(r["step"] for r in lines) == [3, 6]
+    assert "submitted for" in (run / "logs" / "rank_0.log").read_text()
+
+
+def test_same_sweep_through_bash(tmp_path):
+    log_dir = tmp_path / "sweep"
+    out = launch(f"script={TRAIN}", f"config={SWEEP}", "launcher=bash", f"launcher.log_dir={log_dir}", *TINY)
+    assert out.returncode == 0, out.stderr
+    assert list(sweep_status(log_dir)["state"]) == ["done"] * 4
+    assert sorted(set(load_sweep(log_dir)["task"])) == [0, 1, 2, 3]
