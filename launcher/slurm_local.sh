@@ -36,7 +36,8 @@ SlurmdUser=root
 SlurmctldPort=${NANOLLAMA_SLURM_PORT:-6817}
 SlurmdPort=$(( ${NANOLLAMA_SLURM_PORT:-6817} + 1 ))
 AuthType=auth/munge
-AuthInfo=socket=$DIR/munge/munge.socket
+# cred_expire: also how long a requeued job waits before it starts again (SLURM default 120 s)
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=${NANOLLAMA_SLURM_CRED_EXPIRE:-10}
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

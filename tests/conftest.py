@@ -41,6 +41,14 @@ def run_module(
     )
 
 
+def assert_bad_input(out: subprocess.CompletedProcess, needle: str, log_dir: Path | None = None) -> None:
+    """Bad input: exit code 2, one line on stderr that names the culprit, and no run folder created."""
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+    assert log_dir is None or not log_dir.exists()
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT

@@ -31,6 +31,8 @@ class OptimConfig:
     warmup: float = 0.0  # >= 1: steps; in [0, 1): fraction of `steps`
     decay: float = 0.2  # wsd only: length of the final decay phase (>= 1: steps; < 1: fraction of steps)
     min_lr_ratio: float = 0.0  # floor as a fraction of lr (for linear, cosine, wsd, inv_sqrt)
+    rewarm_steps: int = 0  # > 0: the first steps go linearly from `rewarm_from` to the schedule's LR
+    rewarm_from: float = 0.0  # LR at step 0 of a re-warm, e.g. the LR a continued checkpoint stopped at
 
     @property
     def warmup_steps(self) -> int:
@@ -61,6 +63,10 @@ class OptimConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _check_length("warmup", self.warmup, self.steps)
+        if not 0 <= self.rewarm_steps <= self.steps:
+            raise ConfigError("rewarm_steps", f"must be in [0, steps={self.steps}], got {self.rewarm_steps}")
+        if not self.rewarm_from >= 0:
+            raise ConfigError("rewarm_from", f"must be >= 0, got {self.rewarm_from}")
         if self.scheduler == "wsd":
             _check_length("decay", self.decay, self.steps)
             if self.warmup_steps + self.decay_steps > self.steps:
@@ -110,7 +116,18 @@ def lr_factor(step: int, cfg: OptimConfig) -> float:
 
     Warmup is linear, reaching 1 at step `warmup - 1` (it starts at 1/warmup, not 0, so no step is
     wasted); the schedule then runs from 1 at step `warmup` to `min_lr_ratio` at step `steps`.
+    A re-warm blends in front of it: step i < rewarm_steps gets (1 - i/k) rewarm_from + (i/k) schedule,
+    so a run continued from a checkpoint starts at the LR the checkpoint stopped at, with no jump.
     """
+    factor = schedule_factor(step, cfg)
+    if step < cfg.rewarm_steps:
+        t = step / cfg.rewarm_steps
+        return (1 - t) * cfg.rewarm_from / cfg.lr + t * factor
+    return factor
+
+
+def schedule_factor(step: int, cfg: OptimConfig) -> float:
+    """`lr_factor` without the re-warm: warmup, then the schedule."""
     warmup = cfg.warmup_steps
     if step < warmup:
         return (step + 1) / warmup

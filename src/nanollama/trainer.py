@@ -7,7 +7,9 @@ copied line by line between apps lives here.
 from __future__ import annotations
 
 import logging
+import os
 import random
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -15,9 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ConfigError
+from .data.packing import TextDataConfig, source_documents
+from .data.text import Tokenizer, TokenizerConfig, build_tokenizer
 from .distributed import Cluster
 from .model.attention import flex_backward_available
 from .model.transformer import Transformer, TransformerConfig
+from .monitor.checkpoint import clear_eval_flag
+from .monitor.logger import JsonlWriter
 from .monitor.monitor import Monitor
 from .optim import OptimConfig, clip_grad_norm
 
@@ -31,6 +38,22 @@ def build_transformer(cfg: TransformerConfig, seed: int, training: bool, device:
         cfg.attention = "sdpa"
     torch.manual_seed(seed)
     return Transformer(cfg)
+
+
+def build_text_tokenizer(tok: TokenizerConfig, data: TextDataConfig, model: TransformerConfig) -> Tokenizer:
+    """A text app's tokenizer, and the vocabulary size it fixes (0 in `model`: take the tokenizer's).
+
+    A sentencepiece model is trained on the training split of the sources, cached by a hash of corpus
+    and settings: eval and other entrypoints rebuild the very same one from the run's config.
+    """
+    docs = None
+    if tok.kind == "sentencepiece":
+        docs = [d for s in data.sources for d in source_documents(s, data.valid_fraction, "train")]
+    tokenizer = build_tokenizer(tok, docs)
+    if model.vocab_size not in (0, tokenizer.vocab_size):
+        raise ConfigError("model.vocab_size", f"{model.vocab_size} != tokenizer's {tokenizer.vocab_size}")
+    model.vocab_size = tokenizer.vocab_size
+    return tokenizer
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -80,3 +103,15 @@ def train_step(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return loss_sum.item() / acc, {"lr": lr, "grad_norm": grad_norm}
+
+
+def record_eval(checkpoint: str | os.PathLike, cluster: Cluster, result: dict) -> None:
+    """What an app's eval.py does with its result: append it, naming the checkpoint, to
+    `metrics/eval_{rank}.jsonl` of the run that holds the checkpoint, then, once every rank has written,
+    clear the checkpoint's eval flag."""
+    log_dir = Path(checkpoint).parent.parent
+    with JsonlWriter(log_dir / "metrics" / f"eval_{cluster.rank}.jsonl") as writer:
+        writer.write({**result, "checkpoint": str(checkpoint)})  # the training run's resume keeps such lines
+    cluster.barrier()
+    if cluster.is_main:
+        clear_eval_flag(checkpoint)

@@ -150,6 +150,27 @@ def test_min_lr_ratio_is_a_floor(scheduler):
     assert lr_factor(199, c) == pytest.approx(0.25)  # past the end it stays at the floor
 
 
+def test_rewarm_goes_linearly_from_the_checkpoint_lr_to_the_schedule():
+    base = cfg(steps=100, lr=1e-3, warmup=0, scheduler="cosine", min_lr_ratio=0.1)
+    c = cfg(
+        steps=100, lr=1e-3, warmup=0, scheduler="cosine", min_lr_ratio=0.1, rewarm_steps=10, rewarm_from=2e-4
+    )
+    assert lr_factor(0, c) == pytest.approx(0.2)  # exactly the LR the checkpoint stopped at
+    for step in range(1, 10):  # a straight line between the start LR and the schedule
+        t = step / 10
+        assert lr_factor(step, c) == pytest.approx((1 - t) * 0.2 + t * lr_factor(step, base))
+    assert factors(c, list(range(10, 101))) == factors(base, list(range(10, 101)))  # then the schedule
+    rising = factors(cfg(steps=100, scheduler="constant", rewarm_steps=4, rewarm_from=0.0), [0, 1, 2, 3, 4])
+    assert rising == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])  # from 0: a linear warmup
+    falling = factors(
+        cfg(steps=100, lr=1e-3, scheduler="constant", rewarm_steps=2, rewarm_from=3e-3), [0, 1, 2]
+    )
+    assert falling == pytest.approx([3.0, 2.0, 1.0])  # down from a higher LR works too
+    opt = build_optimizer(TinyLM(), c, "cpu")
+    build_scheduler(opt, c)  # LambdaLR sets the LR of step 0 at once
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-4)
+
+
 def test_scheduler_drives_optimizer_lr_and_resumes():
     c = cfg(steps=20, lr=0.1, warmup=4, scheduler="cosine", min_lr_ratio=0.1)
     model = TinyLM()
@@ -191,6 +212,8 @@ def test_scheduler_drives_optimizer_lr_and_resumes():
         ({"steps": 10, "warmup": 11}, "warmup", "exceed"),
         ({"steps": 10, "scheduler": "wsd", "decay": 12}, "decay", "exceed"),
         ({"steps": 10, "scheduler": "wsd", "warmup": 5, "decay": 6}, "decay", "exceed steps"),
+        ({"steps": 10, "rewarm_steps": 11}, "rewarm_steps", "[0, steps=10]"),
+        ({"rewarm_from": -1e-3}, "rewarm_from", ">= 0"),
     ],
 )
 def test_check_names_the_key(kwargs, key, text):

@@ -18,13 +18,8 @@ from ...nanollama.config import cli_main, load_config
 from ...nanollama.data.text import Tokenizer
 from ...nanollama.distributed import Cluster
 from ...nanollama.model.transformer import Transformer
-from ...nanollama.monitor.checkpoint import (
-    checkpoint_step,
-    clear_eval_flag,
-    find_checkpoint,
-    load_model_weights,
-)
-from ...nanollama.monitor.logger import JsonlWriter
+from ...nanollama.monitor.checkpoint import checkpoint_step, find_checkpoint, load_model_weights
+from ...nanollama.trainer import record_eval
 from .evaluation import evaluate
 from .train import TrainConfig, build_model, load_tokenizer
 
@@ -44,17 +39,12 @@ def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[T
 
 def run_eval(cfg: EvalRunConfig) -> dict:
     path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
-    log_dir = path.parent.parent
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         tokenizer, model = load_frozen(cfg, path, cluster.device)
         result = {"step": checkpoint_step(path), **evaluate(model, tokenizer, cfg, cluster)}
-        result["checkpoint"] = str(path)
-        with JsonlWriter(log_dir / "metrics" / f"eval_{cluster.rank}.jsonl") as writer:
-            writer.write(result)
-        cluster.barrier()
+        record_eval(path, cluster, result)
         if cluster.is_main:
-            clear_eval_flag(path)
             print(
                 f"step {result['step']}: eval loss {result['loss']:.4f} nats/token, perplexity "
                 f"{result['perplexity']:.2f}, {result['bpb']:.4f} bits/byte ({result['n_tokens']} tokens)"

@@ -21,13 +21,19 @@ from functools import partial
 import torch
 
 from ...nanollama.config import ConfigError, cli_main, load_config
-from ...nanollama.data.packing import TextDataConfig, TextStream, source_documents
-from ...nanollama.data.text import Tokenizer, TokenizerConfig, build_tokenizer
+from ...nanollama.data.packing import TextDataConfig, TextStream
+from ...nanollama.data.text import Tokenizer, TokenizerConfig
 from ...nanollama.distributed import Cluster, ClusterConfig, micro_batch_size
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
-from ...nanollama.trainer import build_transformer, causal_lm_loss, seed_everything, train_step
+from ...nanollama.trainer import (
+    build_text_tokenizer,
+    build_transformer,
+    causal_lm_loss,
+    seed_everything,
+    train_step,
+)
 from .evaluation import EvaluationConfig, GenerationConfig, complete, evaluate
 
 logger = logging.getLogger(__name__)
@@ -46,19 +52,7 @@ class TrainConfig:
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
-    """The run's tokenizer, and the vocabulary size it fixes (0 in the config: take the tokenizer's).
-
-    A sentencepiece model is trained on the training split of the sources, cached by a hash of corpus
-    and settings: eval and generate rebuild the very same one from the run's config.
-    """
-    docs = None
-    if cfg.tokenizer.kind == "sentencepiece":
-        docs = [d for s in cfg.data.sources for d in source_documents(s, cfg.data.valid_fraction, "train")]
-    tokenizer = build_tokenizer(cfg.tokenizer, docs)
-    if cfg.model.vocab_size not in (0, tokenizer.vocab_size):
-        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} != tokenizer's {tokenizer.vocab_size}")
-    cfg.model.vocab_size = tokenizer.vocab_size
-    return tokenizer
+    return build_text_tokenizer(cfg.tokenizer, cfg.data, cfg.model)
 
 
 def build_model(cfg: TrainConfig, training: bool, device: torch.device) -> Transformer:

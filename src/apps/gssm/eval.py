@@ -23,13 +23,8 @@ import torch
 from ...nanollama.config import cli_main, load_config
 from ...nanollama.distributed import Cluster
 from ...nanollama.model.transformer import Transformer
-from ...nanollama.monitor.checkpoint import (
-    checkpoint_step,
-    clear_eval_flag,
-    find_checkpoint,
-    load_model_weights,
-)
-from ...nanollama.monitor.logger import JsonlWriter
+from ...nanollama.monitor.checkpoint import checkpoint_step, find_checkpoint, load_model_weights
+from ...nanollama.trainer import record_eval
 from .evaluation import bucket_edges, check_evaluation, evaluate
 from .generator import GSSM
 from .train import TrainConfig, build_model, set_vocab_size
@@ -55,7 +50,6 @@ def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[G
 def run_eval(cfg: EvalRunConfig) -> dict:
     check_evaluation(cfg)
     path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
-    log_dir = path.parent.parent
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         gssm, model = load_frozen(cfg, path, cluster.device)
@@ -65,11 +59,8 @@ def run_eval(cfg: EvalRunConfig) -> dict:
             **{key: getattr(cfg.model, key) for key in ROPE_KEYS},
             "checkpoint": str(path),
         }
-        with JsonlWriter(log_dir / "metrics" / f"eval_{cluster.rank}.jsonl") as writer:
-            writer.write(result)
-        cluster.barrier()
+        record_eval(path, cluster, result)
         if cluster.is_main:
-            clear_eval_flag(path)
             print(report(result, cfg))
     return result
 

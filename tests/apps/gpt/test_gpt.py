@@ -17,7 +17,7 @@ from src.nanollama.data.packing import TextStream
 from src.nanollama.data.text import ByteTokenizer
 from src.nanollama.monitor.checkpoint import list_checkpoints
 from src.nanollama.monitor.logger import read_jsonl
-from tests.conftest import crash_after, losses, run_module
+from tests.conftest import assert_bad_input, crash_after, losses, run_module
 from tests.nanollama.data.test_packing import write_corpus
 
 CONFIG = "config=src/apps/gpt/configs/debug.yaml"
@@ -109,10 +109,7 @@ def test_resume_gives_the_same_losses(tmp_path):
 def test_bad_input_exits_2_with_one_line_and_no_log_dir(tmp_path, args, needle):
     log_dir = tmp_path / "run"
     out = run_module("src.apps.gpt.train", CONFIG, f"orchestration.log_dir={log_dir}", *args)
-    assert out.returncode == 2, out.stderr[-2000:]
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], out.stderr
-    assert not log_dir.exists()
+    assert_bad_input(out, needle, log_dir)
 
 
 def test_eval_of_a_missing_checkpoint_exits_2(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from src.nanollama.monitor.checkpoint import has_eval_flag, list_checkpoints
 from src.nanollama.monitor.logger import read_jsonl
-from tests.conftest import ROOT, child_env, crash_after, losses, run_module
+from tests.conftest import ROOT, assert_bad_input, child_env, crash_after, losses, run_module
 
 CONFIG = "config=src/apps/gssm/configs/debug.yaml"
 TINY = [
@@ -76,10 +76,7 @@ def test_debug_run_writes_the_contracted_layout(tmp_path):
 def test_bad_input_exits_2_with_one_line_and_no_log_dir(tmp_path, args, needle):
     log_dir = tmp_path / "run"
     out = run_module("src.apps.gssm.train", CONFIG, f"orchestration.log_dir={log_dir}", *args)
-    assert out.returncode == 2, out.stderr[-2000:]
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], out.stderr
-    assert not log_dir.exists()
+    assert_bad_input(out, needle, log_dir)
 
 
 def test_resume_gives_the_same_losses(tmp_path):

@@ -1,0 +1,56 @@
+"""Evaluate a BERT checkpoint on a split of its task and clear its eval flag.
+
+    python -m src.apps.bert.eval config=<run log dir>/config.yaml [checkpoint=<checkpoint dir>] [split=test]
+
+Without `checkpoint`, the latest checkpoint of `orchestration.log_dir` is evaluated. `split` is `valid`
+(default) or `test` (classification tasks: the held-out test documents of `shuffled`, a labelled GLUE
+test.tsv). The result is appended to `metrics/eval_{rank}.jsonl` of the run and printed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...nanollama.config import cli_main, load_config
+from ...nanollama.distributed import Cluster
+from ...nanollama.monitor.checkpoint import checkpoint_step, find_checkpoint, load_model_weights
+from ...nanollama.trainer import record_eval
+from .tasks import build_task
+from .train import TrainConfig, build_model, load_tokenizer
+
+
+@dataclass
+class EvalRunConfig(TrainConfig):
+    checkpoint: str = ""  # checkpoint folder; empty: the latest one of orchestration.log_dir
+    split: str = "valid"  # valid | test
+
+
+def run_eval(cfg: EvalRunConfig) -> dict:
+    path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
+    with Cluster(cfg.cluster) as cluster:
+        task = build_task(cfg, load_tokenizer(cfg))
+        model = build_model(cfg, task, training=False, device=cluster.device)
+        load_model_weights(path, model)
+        model = model.to(cluster.device).eval()
+        metrics = task.evaluate(model, cfg.split, cluster)
+        result = {"step": checkpoint_step(path), **metrics, "split": cfg.split, "checkpoint": str(path)}
+        record_eval(path, cluster, result)
+        if cluster.is_main:
+            extra = f", mcc {result['mcc']:.4f}" if "mcc" in result else ""
+            print(
+                f"step {result['step']}: {task.name} {cfg.split} loss {result['loss']:.4f}, "
+                f"accuracy {result['accuracy']:.4f}{extra} ({result['n']} predictions)"
+            )
+    return result
+
+
+CONFIG_CLASS = EvalRunConfig  # the launcher checks task configs with it
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    run_eval(load_config(EvalRunConfig, argv))
+
+
+if __name__ == "__main__":
+    main()
