@@ -134,3 +134,15 @@ def cli_main(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(1)
 
     return wrapper
+
+
+def entrypoint(cls: type[T], run: Callable[[T], Any]) -> Callable[..., Any]:
+    """An app script's `main(argv=None)`: `run(load_config(cls, argv))` with `cli_main`'s exit codes.
+    `main.config_class` tells the launcher which dataclass checks the script's task configs."""
+
+    @cli_main
+    def main(argv: list[str] | None = None) -> Any:
+        return run(load_config(cls, argv))
+
+    main.config_class = cls
+    return main

@@ -131,15 +131,15 @@ def expand_grid(grid: dict | None) -> list[dict[str, Any]]:
 
 
 def config_class(script: str) -> type:
-    """The run-config dataclass of an entrypoint module (its `CONFIG_CLASS`); the module must import."""
+    """The run-config dataclass of an entrypoint module (`main.config_class`); the module must import."""
     try:
         module = importlib.import_module(script)
     except Exception as e:  # noqa: BLE001 (any import failure is the user's script failing to import)
         reason = (str(e).splitlines() or [""])[0]
         raise ConfigError("script", f"cannot import {script}: {type(e).__name__}: {reason}") from None
-    cls = getattr(module, "CONFIG_CLASS", None)
+    cls = getattr(getattr(module, "main", None), "config_class", None)
     if not dataclasses.is_dataclass(cls):
-        raise ConfigError("script", f"{script} has no CONFIG_CLASS (the dataclass of its config)")
+        raise ConfigError("script", f"{script} has no main made by config.entrypoint (it names the config)")
     return cls
 
 

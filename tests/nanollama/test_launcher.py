@@ -109,6 +109,7 @@ def _bad(argv: list[str], capsys) -> str:
     "extra, words",
     [
         (["script=src.apps.nope.train"], ["script", "src.apps.nope.train"]),
+        (["script=src.nanollama.optim"], ["script", "entrypoint"]),
         (["grid.optim.lrr=[1,2]"], ["grid.optim.lrr", "not a key"]),
         (["grid.optim.lr=[0.1,-4.0]"], ["optim.lr", "task 2", "-4"]),
         (["grid.model.dim=[32]"], ["grid.model.dim", "twice"]),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...nanollama.config import cli_main, load_config
+from ...nanollama.config import entrypoint
 from ...nanollama.distributed import Cluster
 from ...nanollama.monitor.checkpoint import checkpoint_step, find_checkpoint, load_model_weights
 from ...nanollama.trainer import record_eval
@@ -44,12 +44,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
     return result
 
 
-CONFIG_CLASS = EvalRunConfig  # the launcher checks task configs with it
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    run_eval(load_config(EvalRunConfig, argv))
+main = entrypoint(EvalRunConfig, run_eval)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ...nanollama.config import ConfigError, cli_main, load_config, read_yaml, to_dict
+from ...nanollama.config import ConfigError, entrypoint, read_yaml, to_dict
 from ...nanollama.data.packing import TextDataConfig
 from ...nanollama.data.text import Tokenizer, TokenizerConfig
 from ...nanollama.distributed import Cluster, ClusterConfig, micro_batch_size
@@ -181,12 +181,7 @@ def train(cfg: TrainConfig) -> None:
             step_tokens = 0
 
 
-CONFIG_CLASS = TrainConfig  # the launcher checks task configs with it
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    train(load_config(TrainConfig, argv))
+main = entrypoint(TrainConfig, train)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ...nanollama.config import cli_main, load_config
+from ...nanollama.config import entrypoint
 from ...nanollama.data.text import Tokenizer
 from ...nanollama.distributed import Cluster
 from ...nanollama.model.transformer import Transformer
@@ -52,12 +52,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
     return result
 
 
-CONFIG_CLASS = EvalRunConfig  # the launcher checks task configs with it
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    run_eval(load_config(EvalRunConfig, argv))
+main = entrypoint(EvalRunConfig, run_eval)
 
 
 if __name__ == "__main__":

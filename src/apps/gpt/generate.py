@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...nanollama.config import cli_main, load_config
+from ...nanollama.config import entrypoint
 from ...nanollama.distributed import Cluster
 from ...nanollama.monitor.checkpoint import find_checkpoint
 from .eval import EvalRunConfig, load_frozen
@@ -36,12 +36,7 @@ def run_generate(cfg: GenerateConfig) -> str:
     return text
 
 
-CONFIG_CLASS = GenerateConfig  # the launcher checks task configs with it
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    run_generate(load_config(GenerateConfig, argv))
+main = entrypoint(GenerateConfig, run_generate)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from ...nanollama.config import ConfigError, cli_main, load_config
+from ...nanollama.config import ConfigError, entrypoint
 from ...nanollama.data.packing import TextDataConfig, TextStream
 from ...nanollama.data.text import Tokenizer, TokenizerConfig
 from ...nanollama.distributed import Cluster, ClusterConfig, micro_batch_size
@@ -124,12 +124,7 @@ def train(cfg: TrainConfig) -> None:
             monitor.end_step(step, loss, tokens_per_step, **metrics)
 
 
-CONFIG_CLASS = TrainConfig  # the launcher checks task configs with it
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    train(load_config(TrainConfig, argv))
+main = entrypoint(TrainConfig, train)
 
 
 if __name__ == "__main__":

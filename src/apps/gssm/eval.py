@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ...nanollama.config import cli_main, load_config
+from ...nanollama.config import entrypoint
 from ...nanollama.distributed import Cluster
 from ...nanollama.model.transformer import Transformer
 from ...nanollama.monitor.checkpoint import checkpoint_step, find_checkpoint, load_model_weights
@@ -84,12 +84,7 @@ def report(r: dict, cfg: EvalRunConfig) -> str:
     return "\n".join(lines)
 
 
-CONFIG_CLASS = EvalRunConfig  # the launcher checks task configs with it
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    run_eval(load_config(EvalRunConfig, argv))
+main = entrypoint(EvalRunConfig, run_eval)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ...nanollama.config import cli_main, load_config
+from ...nanollama.config import entrypoint
 from ...nanollama.distributed import Cluster
 from ...nanollama.monitor.checkpoint import checkpoint_step, find_checkpoint
 from ...nanollama.probing import LinearProbeConfig, probe_accuracy, residual_streams
@@ -106,12 +106,7 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-CONFIG_CLASS = ProbeRunConfig  # the launcher checks task configs with it
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    run_probe(load_config(ProbeRunConfig, argv))
+main = entrypoint(ProbeRunConfig, run_probe)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...nanollama.config import ConfigError, cli_main, load_config
+from ...nanollama.config import ConfigError, entrypoint
 from ...nanollama.distributed import Cluster, ClusterConfig, micro_batch_size
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
@@ -91,12 +91,7 @@ def train(cfg: TrainConfig) -> None:
             monitor.end_step(step, loss, tokens_per_step, eval_checkpoint, **metrics)
 
 
-CONFIG_CLASS = TrainConfig  # the launcher checks task configs with it
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    train(load_config(TrainConfig, argv))
+main = entrypoint(TrainConfig, train)
 
 
 if __name__ == "__main__":
