@@ -11,7 +11,7 @@ set -euo pipefail
 
 DIR="${NANOLLAMA_SLURM_DIR:-/tmp/nanollama-slurm}"
 CONF="$DIR/slurm.conf"
-CPUS="${NANOLLAMA_SLURM_CPUS:-$(nproc)}"
+CPUS="${NANOLLAMA_SLURM_CPUS:-$(nproc --all)}"  # --all: nproc alone follows OMP_NUM_THREADS
 
 install() {
     command -v slurmctld >/dev/null && command -v munged >/dev/null && return
