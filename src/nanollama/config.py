@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 T = TypeVar("T")
@@ -80,14 +80,22 @@ def _omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
 
 def build_config(cls: type[T], data: dict | None = None, overrides: list[str] | None = None) -> T:
     """Merge defaults < `data` < `overrides` into a validated instance of the dataclass `cls`."""
-    data = {k: v for k, v in (data or {}).items() if k not in LAUNCHER_SECTIONS}
+    merged = merge_config(cls, data, overrides)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(cls), data, OmegaConf.from_dotlist(overrides or []))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e) from None
     validate(cfg)
     return cfg
+
+
+def merge_config(cls: type, data: dict | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Defaults < `data` < `overrides`, typed by `cls` but not yet validated (to inspect its keys)."""
+    data = {k: v for k, v in (data or {}).items() if k not in LAUNCHER_SECTIONS}
+    try:
+        return OmegaConf.merge(OmegaConf.structured(cls), data, OmegaConf.from_dotlist(overrides or []))
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e) from None
 
 
 def load_config(cls: type[T], argv: list[str] | None = None) -> T:

@@ -35,13 +35,12 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from .config import (
     ConfigError,
-    _omegaconf_error,
     build_config,
     cli_main,
+    merge_config,
     parse_cli,
     read_yaml,
     to_dict,
@@ -170,10 +169,7 @@ def _check_key(base: DictConfig, key: str, cls: type) -> None:
 
 def build_tasks(cls: type, run_data: dict, overrides: list[str], points: list[dict], sweep: LauncherConfig):
     """Every task's validated config, each with its own log dir under the sweep folder."""
-    try:
-        base = OmegaConf.merge(OmegaConf.structured(cls), run_data, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as e:
-        raise _omegaconf_error(e) from None
+    base = merge_config(cls, run_data, overrides)
     for key in points[0]:
         _check_key(base, key, cls)
     plain = OmegaConf.merge(OmegaConf.create(run_data), OmegaConf.from_dotlist(overrides))
