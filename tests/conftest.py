@@ -19,6 +19,20 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / "tmp" / "inductor"))
 
 
+# A GSSM debug run small enough for a test: a few seconds a run.
+GSSM_TINY = [
+    "model.dim=32",
+    "model.n_layers=1",
+    "data.seq_len=16",
+    "data.batch_size=8",
+    "optim.warmup=2",
+    "orchestration.logging.period=1",
+    "evaluation.n_sequences=16",
+    "evaluation.batch_size=8",
+    "orchestration.checkpoint.keep_only=0",
+]
+
+
 def child_env(**extra: str) -> dict:
     from src.nanollama.jobs import clean_env
 

@@ -2,18 +2,28 @@
 
 Every config dataclass may define `check(self)`, raising `ConfigError(key, message)` with `key`
 relative to itself; `validate` walks the tree and prefixes the full dotted path, so the user is
-always told exactly which key is wrong. `cli_main` turns any `ConfigError` into one line on
-stderr and exit code 2.
+always told exactly which key is wrong. `check` is pure: it reads the config alone. Float keys must be
+finite (`validate` refuses nan and inf before any `check`).
+
+Start-up rule: everything a run will read (data, eval splits, tokenizer files, sizes that must divide by
+the world size) is checked before the log dir exists, not at the first evaluation. A script's top-level
+config may define `check_inputs(self)`, for checks that read files or data, span several sections or
+need the world size; `load_config` calls it after `validate`, and its errors name full keys. Subclasses
+(the eval configs) inherit it. A `FileError` names a file (and line) instead of a key, in any section.
+`cli_main` turns any `ConfigError` into one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +46,25 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.message)
 
 
+class FileError(ConfigError):
+    """Bad input inside a file: names the file (`path` or `path:line`) rather than a key, in any section."""
+
+    def __init__(self, path: str | os.PathLike, message: str):
+        super().__init__(str(path), message)
+
+    def prefixed(self, prefix: str) -> ConfigError:
+        return self
+
+
+@contextlib.contextmanager
+def section(prefix: str) -> Iterator[None]:
+    """Errors raised inside, keyed relative to the config section at `prefix`, come out with full keys."""
+    try:
+        yield
+    except ConfigError as e:
+        raise e.prefixed(prefix) from None
+
+
 class RunError(RuntimeError):
     """A run that cannot go on (e.g. a non-finite loss): one line on stderr and exit code 1."""
 
@@ -54,14 +83,53 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
     return path, overrides
 
 
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of an input file; not UTF-8 is a ConfigError naming the file and the first bad byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FileError(path, f"not UTF-8 at byte {e.start}") from None
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key repeated in a mapping (PyYAML keeps the last one, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML mapping, turning missing or malformed files into a ConfigError naming the file."""
+    """Read a YAML mapping; a missing, empty, non-UTF-8 or malformed file, or a repeated key, is a
+    ConfigError naming the file (and the line)."""
+    if Path(path).is_dir():
+        raise ConfigError("config", f"{path} is a directory, not a YAML file")
     if not Path(path).is_file():
         raise ConfigError("config", f"file not found: {path}")
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.load(read_utf8(path), Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError("config", f"{path}: {e.message}") from None
+    except _DuplicateKey as e:
+        raise ConfigError("config", f"{path}:{e.line}: duplicate key {e.key!r}") from None
     except yaml.YAMLError as e:
         raise ConfigError("config", f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        raise ConfigError("config", f"{path} is empty (write {{}} to run on the defaults)")
     if not isinstance(data, dict):
         raise ConfigError("config", f"{path}: expected a mapping at the top level")
     return data
@@ -92,26 +160,56 @@ def build_config(cls: type[T], data: dict | None = None, overrides: list[str] | 
 def merge_config(cls: type, data: dict | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Defaults < `data` < `overrides`, typed by `cls` but not yet validated (to inspect its keys)."""
     data = {k: v for k, v in (data or {}).items() if k not in LAUNCHER_SECTIONS}
+    schema, layers = OmegaConf.structured(cls), [data]
     try:
-        return OmegaConf.merge(OmegaConf.structured(cls), data, OmegaConf.from_dotlist(overrides or []))
+        layers.append(OmegaConf.from_dotlist(overrides or []))
+        return OmegaConf.merge(schema, *layers)
     except OmegaConfBaseException as e:
-        raise _omegaconf_error(e) from None
+        error = _omegaconf_error(e)
+    for layer in layers if not error.key else ():  # OmegaConf names no key for `optim: 3`
+        layer = layer if isinstance(layer, dict) else OmegaConf.to_container(layer)
+        if found := _section_given_a_value(schema, layer):
+            key, value = found
+            error = ConfigError(key, f"is a section: expected a mapping of its keys, got {value!r}")
+            break
+    raise error
+
+
+def _section_given_a_value(schema: DictConfig, data: dict, prefix: str = "") -> tuple[str, Any] | None:
+    """The first (key, value) of `data` with a scalar or a list where `schema` has a section."""
+    for key, value in data.items():
+        sub = schema.get(key) if key in schema else None
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(sub, DictConfig):
+            if not isinstance(value, dict):
+                return full, value
+            if found := _section_given_a_value(sub, value, full):
+                return found
+    return None
 
 
 def load_config(cls: type[T], argv: list[str] | None = None) -> T:
-    """The one entry for scripts: `config=PATH key=value ...` into a validated `cls`."""
+    """The one entry for scripts: `config=PATH key=value ...` into a validated `cls`, whose
+    `check_inputs()` (if it has one) has checked everything the run will read."""
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
-    return build_config(cls, read_yaml(path) if path else {}, overrides)
+    cfg = build_config(cls, read_yaml(path) if path else {}, overrides)
+    if hasattr(cfg, "check_inputs"):
+        cfg.check_inputs()
+    return cfg
 
 
 def validate(obj: Any, path: str = "") -> None:
-    """Call `check()` on every config dataclass of the tree, prefixing errors with their full key."""
+    """Refuse non-finite floats, then call `check()` on every config dataclass of the tree, prefixing
+    errors with their full key."""
     if dataclasses.is_dataclass(obj):
+        for field in dataclasses.fields(obj):
+            value = getattr(obj, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                key = f"{path}.{field.name}" if path else field.name
+                raise ConfigError(key, f"must be a finite number, got {value}")
         if hasattr(obj, "check"):
-            try:
+            with section(path):
                 obj.check()
-            except ConfigError as e:
-                raise e.prefixed(path) from None
         for field in dataclasses.fields(obj):
             validate(getattr(obj, field.name), f"{path}.{field.name}" if path else field.name)
     elif isinstance(obj, (list, tuple)):
@@ -128,7 +226,8 @@ def to_yaml(cfg: Any) -> str:
 
 
 def cli_main(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a script's main: bad input is one line on stderr and exit code 2, a `RunError` exit 1."""
+    """Wrap a script's main: bad input is one line on stderr and exit code 2; a `RunError` or an OS error
+    (full disk, read-only folder: the message names the path) one line and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -139,6 +238,10 @@ def cli_main(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
         except RunError as e:
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(1)
+        except OSError as e:  # a full disk or read-only folder mid-run: the path and the OS error
+            logging.getLogger(__name__).debug("OS error", exc_info=True)  # the traceback, in the run's log
+            print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 
     return wrapper

@@ -45,6 +45,12 @@ class ClusterConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device", "cuda requested but no GPU is visible (use device=auto or cpu)")
 
+    @property
+    def device_type(self) -> str:
+        """`cuda` or `cpu`: what `device` resolves to on this machine."""
+        cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        return "cuda" if cuda else "cpu"
+
 
 @dataclass
 class Environment:
@@ -110,7 +116,7 @@ class Cluster:
         self.env = detect_environment()
         self.rank, self.world_size = self.env.rank, self.env.world_size
         self.is_main = self.rank == 0
-        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        use_cuda = cfg.device_type == "cuda"
         self.device = torch.device(f"cuda:{self.env.local_rank}" if use_cuda else "cpu")
         self.device_type = self.device.type
         self.fsdp = cfg.parallelism == "fsdp" and self.world_size > 1

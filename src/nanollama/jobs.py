@@ -129,7 +129,8 @@ def write_status(path: str | os.PathLike, state: str, **info: object) -> None:
 class Command:
     """A command run by a SLURM job (through submitit) or in this process; requeued when signalled.
 
-    `stdout`/`stderr` are appended to (a requeued job adds to the same files); `status` gets the state.
+    `stdout`/`stderr` are appended to (a requeued job adds to the same files). The command (a sweep's
+    `run.sh`) keeps its own `status` file (running, done, failed, stopped); this only adds `requeued`.
     """
 
     def __init__(
@@ -144,14 +145,12 @@ class Command:
             write_status(self.status, state, **info)
 
     def __call__(self) -> int:
-        self._set_status("running")
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(open(self.stdout, "a")) if self.stdout else None
             err = stack.enter_context(open(self.stderr, "a")) if self.stderr else None
             proc = subprocess.Popen(self.argv, stdout=out, stderr=err)
             self._pid = proc.pid
             code = proc.wait()
-        self._set_status("done" if code == 0 else "failed", exit_code=code)
         if code != 0:
             raise RuntimeError(f"{' '.join(self.argv)} exited with code {code}")
         return code

@@ -263,8 +263,34 @@ def task_command(sweep: LauncherConfig, config_path: str) -> str:
     return f"{python} -m torch.distributed.run {rendezvous} --nproc-per-node {sweep.nproc} {run}"
 
 
+# run.sh's own part, the same for every sweep: the task's status file, and how the task ended.
+TASK_STATUS = r"""status() {  # STATE [EXIT_CODE [SIGNAL]]: tasks/$task.status as jobs.write_status writes it
+    [ "${SLURM_PROCID:-0}" = 0 ] || return 0
+    local file="$sweep/tasks/$task.status"
+    printf '{"state": "%s", "host": "%s", "time": %s, "job_id": "%s"%s%s}\n' "$1" "$HOSTNAME" "$(date +%s)" \
+        "${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-}}" "${2:+, \"exit_code\": $2}" "${3:+, \"signal\": \"$3\"}" \
+        >"$file.tmp" && mv "$file.tmp" "$file"
+}"""
+TASK_END = r"""code=$?
+# torchrun signalled alone exits 1 with a SignalException traceback, its workers having checkpointed
+caught=$(tail -c +$((start + 1)) "$err" | grep -o "SignalException: Process [0-9]* got signal: [0-9]*")
+[ -n "$signal" ] || [ -z "$caught" ] || signal=$(kill -l "${caught##* }")
+if [ -n "$signal" ]; then
+    echo "task $task stopped by SIG$signal (exit code $code): \`bash run.sh $task\` resumes it" >&2
+    status stopped "$code" "$signal"
+    [ "$signal" != INT ] || { trap - INT; kill -INT $$; }  # an interrupt stops the caller's loop too
+elif [ "$code" -eq 0 ]; then
+    status done 0
+else
+    status failed "$code"
+fi
+exit $code"""
+
+
 def run_script(sweep: LauncherConfig, n_tasks: int, cwd: Path) -> str:
-    """`run.sh`: the whole environment of a task, so that a person can rerun exactly what ran."""
+    """`run.sh`: the whole environment of a task, so that a person can rerun exactly what ran. It keeps
+    `tasks/{i}.status` up to date (running, then done, failed or stopped by a signal) however it is run,
+    and its loop over all tasks exits 1 if any failed."""
     log_dir = Path(sweep.log_dir)
     env = {"PYTHONPATH": str(log_dir / "code"), "PYTHONSAFEPATH": "1", **sweep.env}
     command = task_command(sweep, f"{log_dir}/tasks/$1.yaml")
@@ -274,15 +300,30 @@ def run_script(sweep: LauncherConfig, n_tasks: int, cwd: Path) -> str:
         "# The code is the snapshot in code/ (PYTHONSAFEPATH keeps the working directory off sys.path).",
         "set -u",
         "if [ $# -eq 0 ]; then",
-        f'    for i in $(seq 0 {n_tasks - 1}); do bash "$0" "$i" || echo "task $i failed" >&2; done',
+        "    failed=0",
+        f"    for i in $(seq 0 {n_tasks - 1}); do",
+        '        bash "$0" "$i" || { echo "task $i: exit code $?" >&2; failed=$((failed + 1)); }',
+        "    done",
+        f'    [ "$failed" = 0 ] || {{ echo "$failed of {n_tasks} task(s) failed or stopped" >&2; exit 1; }}',
         "    exit 0",
         "fi",
+        f"sweep={shlex.quote(str(log_dir))} task=$1",
+        f'err="{log_dir}/logs/$1.err"',
+        TASK_STATUS,
         f"cd {shlex.quote(str(cwd))}",
         *(f"export {k}={shlex.quote(str(v))}" for k, v in env.items()),
         *sweep.setup,
         "# the task's processes checkpoint and stop on these; the shell and torchrun must not die of them",
         "trap '' USR1 USR2",
-        f'exec {command} >>"{log_dir}/logs/$1.out" 2>>"{log_dir}/logs/$1.err"',
+        "# on SIGTERM (preemption, scancel) or SIGINT the shell waits for the task, then says it was stopped",
+        "signal=''",
+        "trap 'signal=TERM' TERM",
+        "trap 'signal=INT' INT",
+        "status running",
+        ': >>"$err"',
+        'start=$(wc -c <"$err")',
+        f'{command} >>"{log_dir}/logs/$1.out" 2>>"$err"',
+        TASK_END,
     ]
     return "\n".join(lines) + "\n"
 

@@ -53,6 +53,8 @@ class OptimConfig:
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(key, f"must be in [0, 1), got {getattr(self, key)}")
+        if self.lr / (1 - self.beta1) >= torch.finfo(torch.float32).max:  # Adam's first step size
+            raise ConfigError("lr", f"{self.lr} / (1 - beta1) overflows float32")
         if not self.eps > 0:
             raise ConfigError("eps", f"must be > 0, got {self.eps}")
         if self.accumulation_steps < 1:

@@ -7,6 +7,7 @@ copied line by line between apps lives here.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from pathlib import Path
@@ -23,9 +24,10 @@ from .data.text import Tokenizer, TokenizerConfig, build_tokenizer
 from .distributed import Cluster
 from .model.attention import flex_backward_available
 from .model.transformer import Transformer, TransformerConfig
-from .monitor.checkpoint import clear_eval_flag
+from .monitor.checkpoint import clear_eval_flag, find_checkpoint
 from .monitor.logger import JsonlWriter
 from .monitor.monitor import Monitor
+from .monitor.run_config import EVAL_MAY_CHANGE, check_against_run
 from .optim import OptimConfig, clip_grad_norm
 
 logger = logging.getLogger(__name__)
@@ -82,7 +84,9 @@ def train_step(
     """One optimizer step over `cfg.accumulation_steps` micro-batches, timed by phase.
 
     `next_batch()` draws a micro-batch, `loss_fn(batch)` returns its mean loss. Gradients are synced
-    only on the last micro-step. Returns the rank's mean loss and the step's lr and grad norm.
+    only on the last micro-step. A step whose gradient norm is not finite is not applied (the scheduler
+    still moves on; the Monitor counts such steps). Returns the rank's mean loss and the step's lr and
+    grad norm.
     """
     model.train()
     acc = cfg.accumulation_steps
@@ -99,10 +103,20 @@ def train_step(
     with monitor.phase("optim"):
         grad_norm = clip_grad_norm(model, cfg.clip)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        if math.isfinite(grad_norm):  # the global norm: every rank skips the same steps
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return loss_sum.item() / acc, {"lr": lr, "grad_norm": grad_norm}
+
+
+def checkpoint_to_evaluate(cfg: Any) -> Path:
+    """The checkpoint an eval, probe or generate script reads (`cfg.checkpoint`, else the latest of
+    `orchestration.log_dir`): it must pass its manifest, and the keys that fix its weights' shape and
+    meaning must match its run's `config.yaml` (ConfigError naming the key and both values)."""
+    path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
+    check_against_run(cfg, path.parent.parent / "config.yaml", f"evaluating {path}", EVAL_MAY_CHANGE)
+    return path
 
 
 def record_eval(checkpoint: str | os.PathLike, cluster: Cluster, result: dict) -> None:

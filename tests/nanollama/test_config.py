@@ -72,3 +72,68 @@ def test_resolved_yaml_reproduces_the_config(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config(Outer, [f"config={path}"]) == cfg
+
+
+# ----------------------------------------------------------------------------- input checked at start-up
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_floats_are_refused_before_any_check(value):
+    from src.nanollama.optim import OptimConfig
+
+    with pytest.raises(ConfigError) as info:
+        build_config(Outer, overrides=[f"lr={value}"])
+    assert info.value.key == "lr" and "finite" in info.value.message
+    for key in ("lr", "warmup"):  # warmup=inf used to reach int(inf) in OptimConfig.check
+        with pytest.raises(ConfigError) as info:
+            build_config(OptimConfig, overrides=[f"{key}={value}"])
+        assert info.value.key == key
+
+
+def test_a_section_given_a_plain_value_is_named():
+    for data, overrides in (({"inner": 3}, []), ({}, ["inner=3"]), ({"inner": [1]}, [])):
+        with pytest.raises(ConfigError) as info:
+            build_config(Outer, data, overrides)
+        assert info.value.key == "inner" and "mapping" in info.value.message
+
+
+def test_empty_directory_duplicate_and_non_utf8_config_files_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    for text in ("", "# only a comment\n"):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=f"{path} is empty"):
+            load_config(Outer, [f"config={path}"])
+    path.write_text("{}\n")  # explicitly empty: the defaults
+    assert load_config(Outer, [f"config={path}"]) == Outer()
+    with pytest.raises(ConfigError, match=f"{tmp_path} is a directory"):
+        read_yaml(tmp_path)
+    path.write_text("lr: 0.1\ninner:\n  dim: 4\n  names: [a]\n  dim: 8\n")
+    with pytest.raises(ConfigError) as info:
+        read_yaml(path)
+    assert str(info.value) == f"config: {path}:5: duplicate key 'dim'"
+    path.write_text("base: &base {dim: 4}\ninner:\n  <<: *base\n  dim: 8\n")  # a merge key may be overridden
+    assert read_yaml(path)["inner"] == {"dim": 8}
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not UTF-8 at byte 9"):
+        read_yaml(path)
+
+
+@dataclass
+class WithInputs(Outer):
+    def check_inputs(self) -> None:
+        if self.name == "absent":
+            raise ConfigError("name", "reads a file that is not there")
+
+
+@dataclass
+class EvalWithInputs(WithInputs):
+    checkpoint: str = ""
+
+
+def test_load_config_calls_check_inputs_after_validate_and_subclasses_inherit_it():
+    for cls in (WithInputs, EvalWithInputs):
+        with pytest.raises(ConfigError, match="name: reads a file"):
+            load_config(cls, ["name=absent"])
+        with pytest.raises(ConfigError, match="inner.dim"):  # validate first
+            load_config(cls, ["name=absent", "inner.dim=0"])
+    assert build_config(WithInputs, overrides=["name=absent"]).name == "absent"  # build_config: pure

@@ -336,3 +336,59 @@ def test_async_eval_jobs_evaluate_flagged_checkpoints_and_clear_their_flags(tmp_
     assert not any(has_eval_flag(p) for p in checkpoints)
     lines = [r for r in read_jsonl(log_dir / "metrics" / "eval_0.jsonl") if "checkpoint" in r]
     assert sorted(r["step"] for r in lines) == [3, 6] and all("bayes_loss" in r for r in lines)
+
+
+FAKE_PYTHON = """#!/bin/sh
+case "$3" in  # run.sh runs: python -m script config=.../tasks/I.yaml
+  *tasks/0.yaml) exit 0 ;;
+  *tasks/1.yaml) echo boom >&2; exit 3 ;;
+  *tasks/2.yaml) echo "$PREFIX.SignalException: Process 7 got signal: 15" >&2; exit 1 ;;
+  *) echo started; exec sleep 30 ;;
+esac
+"""
+
+
+def status_of(log_dir: Path, task: int) -> dict:
+    return json.loads((log_dir / "tasks" / f"{task}.status").read_text())
+
+
+def test_run_sh_keeps_task_status_says_what_stopped_a_task_and_fails_if_any_task_did(tmp_path):
+    """Tasks of a fake interpreter: 0 succeeds, 1 fails, 2 is torchrun stopped by SIGTERM (rc 1 and a
+    SignalException, its workers having checkpointed), 3 runs until its process group gets SIGTERM."""
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    log_dir = tmp_path / "sweep"
+    for sub in ("tasks", "logs"):
+        (log_dir / sub).mkdir(parents=True)
+    env = {"PREFIX": "torch.distributed.elastic.multiprocessing.api"}
+    sweep = LauncherConfig(script=TRAIN, name="s", log_dir=str(log_dir), python=str(python), env=env)
+    run_sh = log_dir / "run.sh"
+    run_sh.write_text(run_script(sweep, 3, tmp_path))
+    out = subprocess.run(["bash", str(run_sh)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "2 of 3 task(s) failed or stopped" in out.stderr, out.stderr
+    assert "task 1: exit code 3" in out.stderr
+    assert "task 2 stopped by SIGTERM (exit code 1): `bash run.sh 2` resumes it" in out.stderr
+    assert [status_of(log_dir, i)["state"] for i in range(3)] == ["done", "failed", "stopped"]
+    assert status_of(log_dir, 1)["exit_code"] == 3 and status_of(log_dir, 2)["signal"] == "TERM"
+    assert {"host", "time", "job_id"} <= status_of(log_dir, 0).keys()
+
+    proc = subprocess.Popen(["bash", str(run_sh), "3"], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while (
+        not (log_dir / "logs" / "3.out").is_file()
+        or "started" not in (log_dir / "logs" / "3.out").read_text()
+    ):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    assert status_of(log_dir, 3)["state"] == "running"
+    os.killpg(proc.pid, signal.SIGTERM)  # a preemption: the shell outlives it and records it
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert status_of(log_dir, 3) | {"host": 0, "time": 0, "job_id": 0} == {
+        "state": "stopped",
+        "exit_code": 128 + signal.SIGTERM,
+        "signal": "TERM",
+        "host": 0,
+        "time": 0,
+        "job_id": 0,
+    }

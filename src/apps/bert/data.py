@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ...nanollama.config import ConfigError
+from ...nanollama.config import ConfigError, FileError, read_utf8
 from ...nanollama.data.packing import SourceConfig, TextStream, source_documents
 from ...nanollama.data.text import Tokenizer, split_documents
 
@@ -120,13 +120,13 @@ def read_glue(task: str, glue_dir: str, split: str) -> list[Example]:
         )
     path = folder / GLUE_FILES[split]
     if not path.is_file():
-        raise ConfigError(str(path), "file not found")
-    lines = path.read_text(encoding="utf-8").splitlines()
+        raise FileError(path, "file not found")
+    lines = read_utf8(path).splitlines()
     if lines and lines[0].startswith("index\t"):
-        raise ConfigError(str(path), "has no labels (GLUE hides its test labels): evaluate split=valid")
+        raise FileError(path, "has no labels (GLUE hides its test labels): evaluate split=valid")
     if task == "sst2":
         if not lines or lines[0].split("\t") != ["sentence", "label"]:
-            raise ConfigError(f"{path}:1", "expected the SST-2 header 'sentence<TAB>label'")
+            raise FileError(f"{path}:1", "expected the SST-2 header 'sentence<TAB>label'")
         rows, columns, first = lines[1:], 2, 2
     else:
         rows, columns, first = lines, 4, 1
@@ -136,15 +136,15 @@ def read_glue(task: str, glue_dir: str, split: str) -> list[Example]:
             continue
         fields = line.split("\t")
         if len(fields) != columns:
-            raise ConfigError(
+            raise FileError(
                 f"{path}:{lineno}", f"expected {columns} tab-separated columns, got {len(fields)}"
             )
         sentence, label = (fields[0], fields[1]) if task == "sst2" else (fields[3], fields[1])
         if label not in ("0", "1") or not sentence.strip():
-            raise ConfigError(f"{path}:{lineno}", f"expected a 0/1 label and a sentence, got {line[:60]!r}")
+            raise FileError(f"{path}:{lineno}", f"expected a 0/1 label and a sentence, got {line[:60]!r}")
         examples.append((sentence, int(label)))
     if not examples:
-        raise ConfigError(str(path), "no examples")
+        raise FileError(path, "no examples")
     return examples
 
 

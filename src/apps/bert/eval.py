@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from ...nanollama.config import entrypoint
 from ...nanollama.distributed import Cluster
-from ...nanollama.monitor.checkpoint import checkpoint_step, find_checkpoint, load_model_weights
-from ...nanollama.trainer import record_eval
+from ...nanollama.monitor.checkpoint import checkpoint_step, load_model_weights
+from ...nanollama.trainer import checkpoint_to_evaluate, record_eval
 from .tasks import build_task
 from .train import TrainConfig, build_model, load_tokenizer
 
@@ -26,7 +26,7 @@ class EvalRunConfig(TrainConfig):
 
 
 def run_eval(cfg: EvalRunConfig) -> dict:
-    path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
+    path = checkpoint_to_evaluate(cfg)
     with Cluster(cfg.cluster) as cluster:
         task = build_task(cfg, load_tokenizer(cfg))
         model = build_model(cfg, task, training=False, device=cluster.device)
@@ -34,13 +34,13 @@ def run_eval(cfg: EvalRunConfig) -> dict:
         model = model.to(cluster.device).eval()
         metrics = task.evaluate(model, cfg.split, cluster)
         result = {"step": checkpoint_step(path), **metrics, "split": cfg.split, "checkpoint": str(path)}
-        record_eval(path, cluster, result)
         if cluster.is_main:
             extra = f", mcc {result['mcc']:.4f}" if "mcc" in result else ""
             print(
                 f"step {result['step']}: {task.name} {cfg.split} loss {result['loss']:.4f}, "
                 f"accuracy {result['accuracy']:.4f}{extra} ({result['n']} predictions)"
             )
+        record_eval(path, cluster, result)  # printed first: a read-only run still shows it
     return result
 
 

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...nanollama.config import ConfigError
+from ...nanollama.config import ConfigError, section
 from ...nanollama.data.loader import ResumableLoader
 from ...nanollama.data.packing import TextStream
 from ...nanollama.data.text import Tokenizer
 from ...nanollama.distributed import Cluster
+from ...nanollama.model.attention import batch_mask_error
 from ...nanollama.model.transformer import Transformer
 from .data import (
     GLUE,
@@ -151,6 +152,11 @@ class Task:
     def build_head(self, encoder: Transformer) -> nn.Module:
         raise NotImplementedError
 
+    def check_inputs(self, world_size: int) -> None:
+        """Read what training and evaluation of the valid split will read (ConfigError if it cannot
+        be), so that a run refuses bad input at start-up, not at its first evaluation."""
+        raise NotImplementedError
+
     def train_loader(self, batch_size: int, rank: int, world_size: int) -> Any:
         """Resumable iterator of training batches (has `state_dict`, `load_state_dict`)."""
         raise NotImplementedError
@@ -200,8 +206,17 @@ class MLMTask(Task):
         data = dataclasses.replace(self.cfg.data, batch_size=batch_size)
         if split != "train":
             data.epochs = 0  # evaluation reads its fixed first batches
-        stream = TextStream(data, self.tokenizer, split, rank, world_size)
+        with section("data"):
+            stream = TextStream(data, self.tokenizer, split, rank, world_size)
         return MaskedStream(stream, self.masker, self.cfg.orchestration.seed, split)
+
+    def check_inputs(self, world_size: int) -> None:
+        self.eval_stream("valid", 0, world_size)
+        cfg = self.cfg
+        rows = max(cfg.data.batch_size // (world_size * cfg.optim.accumulation_steps), 1)
+        rows = max(rows, cfg.evaluation.batch_size // world_size)
+        if why := batch_mask_error(cfg.model.attention, cfg.cluster.device_type, rows, cfg.data.seq_len):
+            raise ConfigError("data.seq_len", why)
 
     def train_loader(self, batch_size: int, rank: int, world_size: int) -> MaskedStream:
         return self.stream("train", batch_size, rank, world_size)
@@ -211,21 +226,19 @@ class MLMTask(Task):
         selected = targets != IGNORE
         return model(inputs, doc_ids=doc_ids, select=selected), targets[selected]
 
-    def eval_stream(self, split: str, cluster: Cluster) -> MaskedStream:
+    def eval_stream(self, split: str, rank: int, world_size: int) -> MaskedStream:
         if split != "valid":
             raise ConfigError(
                 "split", f"mlm is evaluated on the valid split of the packed text, not {split!r}"
             )
         size = self.cfg.evaluation.batch_size
-        if size % cluster.world_size:
-            raise ConfigError(
-                "evaluation.batch_size", f"{size} does not divide by world size {cluster.world_size}"
-            )
-        return self.stream(split, size // cluster.world_size, cluster.rank, cluster.world_size)
+        if size % world_size:
+            raise ConfigError("evaluation.batch_size", f"{size} does not divide by world size {world_size}")
+        return self.stream(split, size // world_size, rank, world_size)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, cluster: Cluster) -> dict[str, float]:
-        stream, tally = self.eval_stream(split, cluster), Tally()
+        stream, tally = self.eval_stream(split, cluster.rank, cluster.world_size), Tally()
         for _ in range(self.cfg.evaluation.batches):
             batch = [t.to(cluster.device) for t in next(stream)]
             with cluster.autocast():
@@ -289,6 +302,10 @@ class ClassificationTask(Task):
         if split not in self._sentences:
             self._sentences[split] = Sentences(self.examples(split), self.tokenizer, self.cfg.data.seq_len)
         return self._sentences[split]
+
+    def check_inputs(self, world_size: int) -> None:
+        for split in ("train", "valid"):  # rows are padded to their longest: no mask to size up front
+            self.examples(split)
 
     def build_head(self, encoder: Transformer) -> nn.Module:
         head = SentenceHead(encoder.cfg.dim, 2, self.cfg.task.pool)

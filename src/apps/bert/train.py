@@ -24,7 +24,7 @@ import torch
 from ...nanollama.config import ConfigError, entrypoint, read_yaml, to_dict
 from ...nanollama.data.packing import TextDataConfig
 from ...nanollama.data.text import Tokenizer, TokenizerConfig
-from ...nanollama.distributed import Cluster, ClusterConfig, micro_batch_size
+from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
 from ...nanollama.model.transformer import TransformerConfig
 from ...nanollama.monitor.checkpoint import find_checkpoint, latest_checkpoint
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
@@ -58,6 +58,12 @@ class TrainConfig:
             raise ConfigError("model.causal", "BERT is a bidirectional encoder: must be false")
         if self.data.seq_len < 3:
             raise ConfigError("data.seq_len", f"must hold cls, a token and sep, got {self.data.seq_len}")
+
+    def check_inputs(self) -> None:
+        """What the run will read, before the log dir exists: the tokenizer's files (a sentencepiece
+        model is trained here, once; later calls load it from its cache) and the task's train and valid
+        data (GLUE files, held-out sentences or text), in batches that fit every rank."""
+        build_task(self, load_tokenizer(self)).check_inputs(detect_environment().world_size)
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:

@@ -18,8 +18,8 @@ from ...nanollama.config import entrypoint
 from ...nanollama.data.text import Tokenizer
 from ...nanollama.distributed import Cluster
 from ...nanollama.model.transformer import Transformer
-from ...nanollama.monitor.checkpoint import checkpoint_step, find_checkpoint, load_model_weights
-from ...nanollama.trainer import record_eval
+from ...nanollama.monitor.checkpoint import checkpoint_step, load_model_weights
+from ...nanollama.trainer import checkpoint_to_evaluate, record_eval
 from .evaluation import evaluate
 from .train import TrainConfig, build_model, load_tokenizer
 
@@ -38,17 +38,17 @@ def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[T
 
 
 def run_eval(cfg: EvalRunConfig) -> dict:
-    path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
+    path = checkpoint_to_evaluate(cfg)
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         tokenizer, model = load_frozen(cfg, path, cluster.device)
         result = {"step": checkpoint_step(path), **evaluate(model, tokenizer, cfg, cluster)}
-        record_eval(path, cluster, result)
         if cluster.is_main:
             print(
                 f"step {result['step']}: eval loss {result['loss']:.4f} nats/token, perplexity "
                 f"{result['perplexity']:.2f}, {result['bpb']:.4f} bits/byte ({result['n_tokens']} tokens)"
             )
+        record_eval(path, cluster, result)  # printed first: a read-only run still shows it
     return result
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...nanollama.config import ConfigError
+from ...nanollama.config import ConfigError, section
 from ...nanollama.data.packing import TextStream
 from ...nanollama.data.text import Tokenizer
 from ...nanollama.distributed import Cluster
@@ -33,11 +33,11 @@ class EvaluationConfig:
     batch_size: int = 16  # global rows per validation batch
 
     def check(self) -> None:
-        for key in ("period", "batches"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.period < 0:
+            raise ConfigError("period", f"must be >= 0, got {self.period}")
+        for key in ("batches", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
 
     def due(self, step: int, total_steps: int) -> bool:
         return step == total_steps or (self.period > 0 and step % self.period == 0)
@@ -66,7 +66,8 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, cfg: TrainConfig, cluster: 
     if ev.batch_size % cluster.world_size:
         raise ConfigError("evaluation.batch_size", f"does not divide by world size {cluster.world_size}")
     data = dataclasses.replace(cfg.data, batch_size=ev.batch_size // cluster.world_size, epochs=0)
-    stream = TextStream(data, tokenizer, "valid", cluster.rank, cluster.world_size)
+    with section("data"):
+        stream = TextStream(data, tokenizer, "valid", cluster.rank, cluster.world_size)
     was_training = model.training
     model.eval()
     loss_sum, n_tokens, n_bytes = 0.0, 0, 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ...nanollama.config import entrypoint
 from ...nanollama.distributed import Cluster
-from ...nanollama.monitor.checkpoint import find_checkpoint
+from ...nanollama.trainer import checkpoint_to_evaluate
 from .eval import EvalRunConfig, load_frozen
 from .evaluation import complete
 
@@ -25,7 +25,7 @@ class GenerateConfig(EvalRunConfig):
 
 
 def run_generate(cfg: GenerateConfig) -> str:
-    path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
+    path = checkpoint_to_evaluate(cfg)
     with Cluster(cfg.cluster) as cluster:
         tokenizer, model = load_frozen(cfg, path, cluster.device)
         (text,) = complete(

@@ -20,10 +20,11 @@ from functools import partial
 
 import torch
 
-from ...nanollama.config import ConfigError, entrypoint
+from ...nanollama.config import ConfigError, entrypoint, section
 from ...nanollama.data.packing import TextDataConfig, TextStream
 from ...nanollama.data.text import Tokenizer, TokenizerConfig
-from ...nanollama.distributed import Cluster, ClusterConfig, micro_batch_size
+from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
+from ...nanollama.model.attention import batch_mask_error
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
@@ -49,6 +50,23 @@ class TrainConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def check_inputs(self) -> None:
+        """What the run will read, before the log dir exists: the tokenizer's files (a sentencepiece
+        model is trained here, once; later calls load it from its cache), the validation split, and
+        batches that divide across ranks and whose attention masks can be built."""
+        world = detect_environment().world_size
+        tokenizer = load_tokenizer(self)
+        ev = self.evaluation
+        if ev.batch_size % world:
+            raise ConfigError(
+                "evaluation.batch_size", f"{ev.batch_size} does not divide by world size {world}"
+            )
+        with section("data"):
+            TextStream(self.data, tokenizer, "valid", 0, world)
+        rows = max(self.data.batch_size // (world * self.optim.accumulation_steps), ev.batch_size // world)
+        if why := batch_mask_error(self.model.attention, self.cluster.device_type, rows, self.data.seq_len):
+            raise ConfigError("data.seq_len", why)
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
@@ -91,7 +109,8 @@ def train(cfg: TrainConfig) -> None:
         tokenizer = load_tokenizer(cfg)
         seed, rank = cfg.orchestration.seed, cluster.rank
         data = dataclasses.replace(cfg.data, batch_size=micro)
-        stream = TextStream(data, tokenizer, "train", rank, cluster.world_size)
+        with section("data"):
+            stream = TextStream(data, tokenizer, "train", rank, cluster.world_size)
         if cfg.data.epochs:  # the run is as long as the data
             cfg.optim.steps = steps_in_epochs(stream, cluster, acc)
 

@@ -128,6 +128,17 @@ def eval_seq_len(cfg: DataConfig, seq_len: int = 0) -> int:
     return seq_len or cfg.seq_len
 
 
+def eval_sequences(cfg: DataConfig, n_sequences: int) -> int:
+    """How many held-out sequences an evaluation reads: `n_sequences` generated, or of the test split on
+    disk at most that many (0: all of it)."""
+    if not cfg.path:
+        if n_sequences < 1:
+            raise ConfigError("evaluation.n_sequences", "must be >= 1 (0: all of data.path's test split)")
+        return n_sequences
+    available = len(np.load(Path(cfg.path) / "test.npy", mmap_mode="r"))
+    return min(n_sequences or available, available)
+
+
 def eval_batches(
     cfg: DataConfig,
     gssm: GSSM,
@@ -144,11 +155,10 @@ def eval_batches(
     same number of forward passes, as FSDP requires. `seq_len` (0: data.seq_len) sets the positions
     of generated sequences, e.g. longer than training to test length extrapolation.
     """
-    seq_len = eval_seq_len(cfg, seq_len)
+    seq_len, n_sequences = eval_seq_len(cfg, seq_len), eval_sequences(cfg, n_sequences)
     if cfg.path:
         tokens = np.load(Path(cfg.path) / "test.npy", mmap_mode="r")
         bayes = np.load(Path(cfg.path) / "test_bayes.npy", mmap_mode="r")
-        n_sequences = min(n_sequences or len(tokens), len(tokens))
     else:
         from .bayes import conditional_logprobs
 

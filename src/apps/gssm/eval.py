@@ -23,9 +23,9 @@ import torch
 from ...nanollama.config import entrypoint
 from ...nanollama.distributed import Cluster
 from ...nanollama.model.transformer import Transformer
-from ...nanollama.monitor.checkpoint import checkpoint_step, find_checkpoint, load_model_weights
-from ...nanollama.trainer import record_eval
-from .evaluation import bucket_edges, check_evaluation, evaluate
+from ...nanollama.monitor.checkpoint import checkpoint_step, load_model_weights
+from ...nanollama.trainer import checkpoint_to_evaluate, record_eval
+from .evaluation import bucket_edges, evaluate
 from .generator import GSSM
 from .train import TrainConfig, build_model, set_vocab_size
 
@@ -48,8 +48,7 @@ def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[G
 
 
 def run_eval(cfg: EvalRunConfig) -> dict:
-    check_evaluation(cfg)
-    path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
+    path = checkpoint_to_evaluate(cfg)
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         gssm, model = load_frozen(cfg, path, cluster.device)
@@ -59,9 +58,9 @@ def run_eval(cfg: EvalRunConfig) -> dict:
             **{key: getattr(cfg.model, key) for key in ROPE_KEYS},
             "checkpoint": str(path),
         }
-        record_eval(path, cluster, result)
         if cluster.is_main:
             print(report(result, cfg))
+        record_eval(path, cluster, result)  # printed first: a read-only run still shows it
     return result
 
 

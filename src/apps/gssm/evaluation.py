@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ...nanollama.config import ConfigError
 from ...nanollama.distributed import Cluster
-from .data import eval_batches, eval_seq_len
+from .data import check_dataset, eval_batches, eval_seq_len, eval_sequences
 from .generator import GSSM
 
 if TYPE_CHECKING:
@@ -50,14 +50,21 @@ class EvaluationConfig:
         return step == total_steps or (self.period > 0 and step % self.period == 0)
 
 
-def check_evaluation(cfg: TrainConfig) -> int:
-    """Checks across sections, so that a script can refuse bad input at start-up rather than at its
-    first evaluation; returns the evaluation length."""
-    seq_len = eval_seq_len(cfg.data, cfg.evaluation.seq_len)
-    if cfg.evaluation.position_buckets > seq_len:
-        raise ConfigError(
-            "evaluation.position_buckets", f"{cfg.evaluation.position_buckets} > {seq_len} positions"
-        )
+def check_evaluation(cfg: TrainConfig, world_size: int = 1) -> int:
+    """Checks across sections, so that a script refuses bad input at start-up (`check_inputs`) rather
+    than at its first evaluation: lengths and sizes, then the dataset on disk; returns the evaluation
+    length."""
+    ev = cfg.evaluation
+    seq_len = eval_seq_len(cfg.data, ev.seq_len)
+    if ev.position_buckets > seq_len:
+        raise ConfigError("evaluation.position_buckets", f"{ev.position_buckets} > {seq_len} positions")
+    if ev.batch_size < world_size:
+        raise ConfigError("evaluation.batch_size", f"{ev.batch_size} is below the world size {world_size}")
+    if cfg.data.path:
+        check_dataset(cfg.data)  # complete and of the training length, before its test split is read
+    n_sequences = eval_sequences(cfg.data, ev.n_sequences)
+    if n_sequences < world_size:  # each rank evaluates its share of every batch: at least one sequence
+        raise ConfigError("evaluation.n_sequences", f"{n_sequences} sequences for {world_size} ranks")
     return seq_len
 
 
@@ -90,9 +97,7 @@ def evaluate(model: nn.Module, gssm: GSSM, cfg: TrainConfig, cluster: Cluster) -
     """Per-position sums of losses and the number of sequences are reduced across ranks (one small
     collective), then divided once, overall and per position bucket."""
     ev = cfg.evaluation
-    seq_len = check_evaluation(cfg)
-    if ev.batch_size < cluster.world_size:
-        raise ConfigError("evaluation.batch_size", f"must be >= world size {cluster.world_size}")
+    seq_len = check_evaluation(cfg, cluster.world_size)
     was_training = model.training
     model.eval()
     loss_sums = torch.zeros(seq_len, dtype=torch.float64)

@@ -29,6 +29,9 @@ class MakeDataConfig(TrainConfig):
         if self.n_train < 1 or self.n_test < 1:
             raise ConfigError("n_train", "n_train and n_test must be >= 1")
 
+    def check_inputs(self) -> None:
+        """Nothing to read: the dataset is what this script writes."""
+
 
 def make_data(cfg: MakeDataConfig) -> Path:
     gssm = GSSM(cfg.data.gssm)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...nanollama.config import ConfigError, entrypoint
-from ...nanollama.distributed import Cluster, ClusterConfig, micro_batch_size
+from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
@@ -37,6 +37,11 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
+    def check_inputs(self) -> None:
+        """What the run will read, before the log dir exists: the dataset on disk and the held-out
+        sequences of every evaluation."""
+        check_evaluation(self, detect_environment().world_size)
+
 
 def set_vocab_size(cfg: TrainConfig, gssm: GSSM) -> None:
     """The vocabulary is the observed node's states (0 in the config means: take it from the graph)."""
@@ -56,7 +61,6 @@ def train(cfg: TrainConfig) -> None:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         acc = cfg.optim.accumulation_steps
         micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, acc)
-        check_evaluation(cfg)
         gssm = GSSM(cfg.data.gssm)
         seed, rank = cfg.orchestration.seed, cluster.rank
         stream = build_stream(cfg.data, gssm, micro, seed, rank, cluster.world_size)

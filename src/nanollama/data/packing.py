@@ -172,8 +172,9 @@ class TextStream:
                 TextDocuments(source_documents(s, cfg.valid_fraction, split), tokenizer) for s in cfg.sources
             ]
         for i, docs in enumerate(self.sources):
-            if len(docs) < world_size:
-                raise ConfigError(f"sources.{i}", f"{len(docs)} {split} documents for {world_size} ranks")
+            if len(docs) < world_size:  # a held-out split too small is its fraction's fault
+                key = "valid_fraction" if split == "valid" else f"sources.{i}"
+                raise ConfigError(key, f"source {i} has {len(docs)} {split} documents for {world_size} ranks")
         weights = np.asarray([s.weight for s in cfg.sources], dtype=np.float64)
         self.probs = weights / weights.sum()
         self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its shard)

@@ -3,7 +3,8 @@
 - `demo_documents` gives real English text with no download (Python's own help texts, plus the
   `fortunes` files where Debian installed them), so text apps and tests run anywhere;
 - `split_documents` splits by a hash of each document, so adding documents never moves the others;
-- `read_corpus` reads a folder of `.txt` / `.jsonl` files;
+- `read_corpus` reads a folder of `.txt` / `.jsonl` files (UTF-8: other bytes exit 2 naming the file
+  and the offset, rather than being replaced silently);
 - the tokenizers share one small interface; apps read the special ids from the tokenizer itself.
 """
 
@@ -17,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, FileError, read_utf8, section
 
 FORTUNE_DIR = "/usr/share/games/fortunes"
 SPECIALS = ("bos", "eos", "pad", "mask", "cls", "sep")
@@ -73,17 +74,16 @@ def split_documents(docs: list[str], valid_fraction: float, seed: int = 0) -> tu
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno}", f"invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ConfigError(f"{path}:{lineno}", "expected an object with a string 'text' field")
-            docs.append(record["text"])
+    for lineno, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FileError(f"{path}:{lineno}", f"invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise FileError(f"{path}:{lineno}", "expected an object with a string 'text' field")
+        docs.append(record["text"])
     return docs
 
 
@@ -91,14 +91,14 @@ def read_corpus(folder: str | os.PathLike) -> list[str]:
     """Documents of a folder (recursively, sorted by path): one per `.txt` file, one per `.jsonl` line."""
     root = Path(folder)
     if not root.is_dir():
-        raise ConfigError(str(folder), "corpus folder not found")
+        raise FileError(folder, "corpus folder not found")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
     if not files:
-        raise ConfigError(str(folder), "no .txt or .jsonl files in the corpus folder")
+        raise FileError(folder, "no .txt or .jsonl files in the corpus folder")
     docs: list[str] = []
     for path in files:
         if path.suffix == ".txt":
-            docs.append(path.read_text(encoding="utf-8"))
+            docs.append(read_utf8(path))
         else:
             docs.extend(_read_jsonl(path))
     return docs
@@ -207,7 +207,7 @@ class SentencePieceTokenizer(Tokenizer):
         # SentencePiece trains on "sentences" of bounded length: feed lines, not whole documents.
         lines = [line for doc in docs for line in doc.splitlines() if line.strip()]
         if not lines:
-            raise ConfigError("docs", "cannot train a tokenizer on an empty corpus")
+            raise ConfigError("kind", "a sentencepiece tokenizer cannot train on a corpus with no text")
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             prefix = os.path.join(tmp, "model")
             try:
@@ -285,13 +285,15 @@ class TokenizerConfig:
             raise ConfigError("path", "a tiktoken tokenizer needs the path of its ranks file")
 
 
-def build_tokenizer(cfg: TokenizerConfig, docs: list[str] | None = None) -> Tokenizer:
-    """The tokenizer a config asks for; `docs` is the training corpus of a sentencepiece tokenizer."""
-    cfg.check()
-    if cfg.kind == "byte":
-        return ByteTokenizer()
-    if cfg.kind == "tiktoken":
-        return TiktokenTokenizer(cfg.path)
-    if not docs:
-        raise ConfigError("kind", "a sentencepiece tokenizer needs documents to train on")
-    return SentencePieceTokenizer.train(docs, cfg.vocab_size, cfg.cache_dir)
+def build_tokenizer(cfg: TokenizerConfig, docs: list[str] | None = None, key: str = "tokenizer") -> Tokenizer:
+    """The tokenizer a config asks for; `docs` is the training corpus of a sentencepiece tokenizer.
+    `key` is where `cfg` sits in the run config: errors name full keys, e.g. `tokenizer.path`."""
+    with section(key):
+        cfg.check()
+        if cfg.kind == "byte":
+            return ByteTokenizer()
+        if cfg.kind == "tiktoken":
+            return TiktokenTokenizer(cfg.path)
+        if not docs:
+            raise ConfigError("kind", "a sentencepiece tokenizer needs documents to train on")
+        return SentencePieceTokenizer.train(docs, cfg.vocab_size, cfg.cache_dir)

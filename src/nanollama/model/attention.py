@@ -111,14 +111,30 @@ def get_mask_mod(mask: str) -> MaskMod:
 # ----------------------------------------------------------------------------------------- built masks
 
 
+def dense_mask_error(B: int, Q: int, KV: int) -> str:
+    """Why a dense (B, 1, Q, KV) mask is refused, '' if it is not."""
+    if B * Q * KV <= MAX_DENSE_MASK:
+        return ""
+    return (
+        f"dense attention mask of batch {B} x {Q} queries x {KV} keys = {B * Q * KV:,} elements is over "
+        f"the limit of {MAX_DENSE_MASK:,}: use attention=flex (on GPU), a smaller batch or shorter rows"
+    )
+
+
+def batch_mask_error(backend: str, device_type: str, B: int, T: int) -> str:
+    """Why the per-batch masks (documents, padding) of B rows of T tokens cannot be built, '' if they
+    can: for a run to refuse at start-up what would fail at its first batch or evaluation. sdpa takes a
+    dense mask; flex takes a BlockMask but trains on GPU only (elsewhere the run falls back to sdpa)."""
+    if backend == "flex" and flex_backward_available(device_type):
+        return ""
+    return dense_mask_error(B, T, T)
+
+
 def dense_mask(mask_mod: MaskMod, B: int, Q: int, KV: int, device: torch.device) -> Tensor:
     """The (B, 1, Q, KV) boolean mask of `mask_mod` by broadcasting index grids: one elementwise pass,
     no vmap, and traceable by torch.compile (the cached decode step builds one every token)."""
-    if B * Q * KV > MAX_DENSE_MASK:
-        raise ValueError(
-            f"dense attention mask of batch {B} x {Q} queries x {KV} keys = {B * Q * KV:,} elements is over "
-            f"the limit of {MAX_DENSE_MASK:,}: use attention=flex (on GPU), a smaller batch or shorter rows"
-        )
+    if why := dense_mask_error(B, Q, KV):
+        raise ValueError(why)
     b = torch.arange(B, device=device).view(B, 1, 1, 1)
     h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
     q = torch.arange(Q, device=device).view(1, 1, Q, 1)

@@ -55,14 +55,23 @@ def load_weights(folder: str | os.PathLike, key: str = "checkpoint") -> dict[str
     file = Path(folder) / WEIGHTS
     if not file.is_file():
         raise ConfigError(key, f"no {WEIGHTS} in {folder}")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (truncated, not a zip, not tensors: the same error to the user)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(key, f"cannot read {file} ({type(e).__name__}: {first[:120]})") from None
 
 
 def check_weights(cfg: TransformerConfig, state: dict[str, Tensor], where: str) -> None:
-    """Names and shapes against the model `cfg` builds (on the meta device: no memory, no init), so a
-    mismatch is one line naming the tensor instead of load_state_dict's multi-line report."""
+    """Names and shapes against the model `cfg` builds (on the meta device: no memory, no init)."""
     with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items()}
+        check_shapes(Transformer(cfg), state, where)
+
+
+def check_shapes(model: torch.nn.Module, state: dict[str, Tensor], where: str) -> None:
+    """`state`'s names and shapes against `model`'s, so a mismatch is one line naming the tensor instead
+    of load_state_dict's multi-line report."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -5,10 +5,19 @@ Layout of one checkpoint, `checkpoints/{step:010d}/`:
     model.pt        consolidated model weights, for evaluation and notebooks
     state_{rank}.pt everything else a rank needs to continue exactly (step, scheduler, data, RNG, ...)
     data_{rank}.json what the rank's data loader had consumed (sources, epochs, documents, tokens), to read
+    manifest.json   every file's size and CRC-32, written last (manifest.py)
+    confirmed       present once a step from these weights had finite gradients
     eval            present while an evaluation of this checkpoint is pending
 
 A checkpoint is written to `.tmp-{step}` and renamed when complete, so a crash mid-save never
-leaves a folder that a restart would load. `keep_only` never removes an eval-flagged checkpoint.
+leaves a folder that a restart would load; a failed write (full disk) removes its `.tmp-` folder and
+stops the run with one line. Nothing non-finite is ever saved. A checkpoint that fails its manifest
+on load is moved aside to `.corrupt-{step}` (never deleted) and the previous one is loaded instead.
+
+A checkpoint is *confirmed* once a step from its weights had finite gradients. When a run stops on
+non-finite gradients or loss, the unconfirmed checkpoints (their weights gave nan) are moved aside to
+`.nonfinite-{step}`, so the next start resumes from the newest confirmed one. `keep_only` never removes
+an eval-flagged checkpoint, the newest confirmed one, or an unconfirmed one.
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,13 +47,34 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ..config import ConfigError
+from ..config import ConfigError, RunError
+from ..model.io import WEIGHTS, check_shapes, load_weights
+from .manifest import checksum_part, verify_checkpoint, write_manifest
 
 logger = logging.getLogger(__name__)
 
 EVAL_FLAG = "eval"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".del-"
+CORRUPT_PREFIX = ".corrupt-"
+NONFINITE_PREFIX = ".nonfinite-"
+CONFIRMED = "confirmed"
+
+
+class CheckpointWriteError(RunError):
+    """A checkpoint could not be written (full disk, read-only folder); its `.tmp-` folder is removed."""
+
+
+class NonFiniteStateError(RunError):
+    """The model or optimizer holds nan or inf: such a state is never saved."""
+
+
+class CorruptCheckpointError(RunError):
+    """A checkpoint that fails its manifest or cannot be read."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"corrupt checkpoint {path}: {problem}")
 
 
 @contextlib.contextmanager
@@ -114,39 +146,106 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def find_checkpoint(checkpoint: str, log_dir: str | os.PathLike) -> Path:
-    """An explicit checkpoint folder, or else the latest one of a run (for evaluation and probing)."""
+    """An explicit checkpoint folder, or else the latest one of a run (for evaluation and probing); either
+    must pass its manifest (ConfigError naming it otherwise)."""
     if checkpoint:
         if not (Path(checkpoint) / "model.pt").is_file():
             raise ConfigError("checkpoint", f"{checkpoint} is not a checkpoint folder (no model.pt)")
-        return Path(checkpoint)
-    path = latest_checkpoint(Path(log_dir) / "checkpoints")
-    if path is None:
-        raise ConfigError("orchestration.log_dir", f"no checkpoint in {log_dir}")
+        path = Path(checkpoint)
+    else:
+        path = latest_checkpoint(Path(log_dir) / "checkpoints")
+        if path is None:
+            raise ConfigError("orchestration.log_dir", f"no checkpoint in {log_dir}")
+    problem = verify_checkpoint(path, only=(WEIGHTS,))  # evaluation reads the weights alone
+    if problem:
+        raise ConfigError("checkpoint", f"corrupt checkpoint {path}: {problem}")
     return path
 
 
 def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
-    """Load the consolidated weights of a checkpoint folder into an unwrapped model."""
-    file = Path(path) / "model.pt"
-    if not file.is_file():
-        raise ConfigError("checkpoint", f"no model.pt in {path}")
-    model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    """Load the consolidated weights of a checkpoint folder into an unwrapped model; weights that do not
+    fit the model are a ConfigError naming the first mismatched tensor."""
+    state = load_weights(path)
+    check_shapes(model, state, str(Path(path) / WEIGHTS))
+    if bad := [name for name, t in state.items() if _is_bad(t)]:  # never saved so: the file is damaged
+        raise ConfigError("checkpoint", f"corrupt checkpoint {path}: non-finite values in {bad[0]}")
+    model.load_state_dict(state)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a failed read or write: the OS error and path when there is one anywhere in the chain
+    (DCP wraps each rank's exception), else the exception's first line."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, CheckpointException) and seen.failures:
+            seen = next(iter(seen.failures.values()))[0]
+            continue
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"{seen.strerror}: {seen.filename}" if seen.filename else seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    first = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {first[0]}" if first else type(error).__name__
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # this rank's shard of a DTensor
+
+
+def non_finite_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+    """Names of this rank's parameters, buffers and optimizer states that hold nan or inf."""
+    bad = [name for name, t in model.state_dict().items() if _is_bad(t)]
+    if optimizer is not None:
+        for i, state in enumerate(optimizer.state.values()):
+            bad += [f"optimizer state {i}.{k}" for k, t in state.items() if _is_bad(t)]
+    return bad
+
+
+def _is_bad(tensor: Any) -> bool:
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        return False
+    return not bool(torch.isfinite(_local(tensor)).all())
+
+
+def _write_text_synced(path: Path, text: str) -> None:
+    with _naming(path), open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A failed write names its file (ENOSPC from write() carries no path of its own)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 class Checkpointer:
-    """Saves and restores the whole training state; every rank calls `save`/`load` together."""
+    """Saves and restores the whole training state; every rank calls `save`/`load` together.
+
+    Each phase of a save ends with the ranks agreeing whether it failed anywhere, so a write that fails
+    on one rank stops every rank at the same point instead of leaving the others waiting in a barrier.
+    """
 
     def __init__(self, cfg: CheckpointConfig, root: str | os.PathLike, rank: int = 0, world_size: int = 1):
         self.cfg, self.root = cfg, Path(root)
         self.rank, self.world_size = rank, world_size
+        self.confirmed: Path | None = None  # newest checkpoint whose weights gave finite gradients
+        self.unconfirmed: list[Path] = []  # saved (or resumed) since the last step with finite gradients
 
     def __enter__(self) -> Checkpointer:
-        if self.rank == 0:
+        if self.rank == 0:  # before anything new is written: a stale .tmp- may be what fills the disk
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.iterdir():
                 if stale.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
-                    logger.warning(f"removing incomplete checkpoint folder {stale}")
                     shutil.rmtree(stale, ignore_errors=True)
+                    logger.warning(f"removed incomplete checkpoint folder {stale}")  # after: room to log
         self._barrier()
         return self
 
@@ -155,7 +254,16 @@ class Checkpointer:
 
     def _barrier(self) -> None:
         if self.world_size > 1:
-            torch.distributed.barrier()
+            dist.barrier()
+
+    def _anywhere(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (a barrier too)."""
+        if self.world_size == 1:
+            return flag
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        t = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def save(
         self,
@@ -168,61 +276,191 @@ class Checkpointer:
     ) -> Path:
         """Write checkpoint `step` atomically; an existing one of the same step only gains the flag.
 
-        `records` maps file names to JSON-able objects this rank writes into the checkpoint."""
+        `records` maps file names to JSON-able objects this rank writes into the checkpoint. A model or
+        optimizer with nan or inf anywhere is refused (NonFiniteStateError) before anything is written."""
         final = self.root / checkpoint_name(step)
         if final.exists():
             if eval_flag and self.rank == 0:
                 (final / EVAL_FLAG).touch()
             return final
+        bad = non_finite_tensors(model, optimizer)
+        if self._anywhere(bool(bad)):
+            where = f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}" if bad else "another rank's shard"
+            raise NonFiniteStateError(
+                f"not saving step {step}: non-finite values in {where}; "
+                f"last good checkpoint: {latest_checkpoint(self.root) or 'none'}"
+            )
         start = time.perf_counter()
         tmp = self.root / f"{TMP_PREFIX}{checkpoint_name(step)}"
+
+        def prepare() -> None:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+
+        def write() -> None:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            with _quiet_dcp():
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "dcp")
+            full = get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            _torch_save(rank_state, tmp / f"state_{self.rank}.pt")
+            for name, record in (records or {}).items():
+                _write_text_synced(tmp / name, json.dumps(record, indent=1) + "\n")
+            if self.rank == 0:
+                _torch_save(full, tmp / "model.pt")
+                if eval_flag:
+                    (tmp / EVAL_FLAG).touch()
+
+        entries: dict[str, Any] = {}
+
+        def checksum() -> None:  # every rank a share of the files, all of them written by now
+            entries.update(checksum_part(tmp, self.rank, self.world_size))
+
+        def publish() -> None:
+            parts = [entries]
+            if self.world_size > 1:
+                parts = [None] * self.world_size
+                dist.all_gather_object(parts, entries)
+            if self.rank == 0:
+                write_manifest(tmp, {k: v for part in parts for k, v in part.items()})  # last: complete
+                os.rename(tmp, final)
+
+        for phase in (prepare, write, checksum, publish):
+            error = None
+            try:
+                phase()
+            except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+                error = e
+            if self._anywhere(error is not None):
+                if self.rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                what = describe_error(error) if error else "failed on another rank"
+                raise CheckpointWriteError(f"could not write checkpoint {final}: {what}") from error
+        self.unconfirmed.append(final)
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _quiet_dcp():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "dcp")
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        torch.save(rank_state, tmp / f"state_{self.rank}.pt")
-        for name, record in (records or {}).items():
-            (tmp / name).write_text(json.dumps(record, indent=1) + "\n")
-        if self.rank == 0:
-            torch.save(full, tmp / "model.pt")
-            if eval_flag:
-                (tmp / EVAL_FLAG).touch()
-        self._barrier()
-        if self.rank == 0:
-            os.rename(tmp, final)
             self._keep_only()
         self._barrier()
         logger.info(f"saved checkpoint {final} in {time.perf_counter() - start:.2f}s")
         return final
 
     def load(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Restore model and optimizer in place; return this rank's saved state."""
+        """Restore model and optimizer in place; return this rank's saved state. A checkpoint that fails
+        its manifest or cannot be read raises CorruptCheckpointError on every rank."""
         path = Path(path)
-        state_file = path / f"state_{self.rank}.pt"
+        problem = verify_checkpoint(path, self.rank, self.world_size)
+        if self._anywhere(problem is not None):
+            raise CorruptCheckpointError(path, problem or "failed verification on another rank")
         saved_ranks = len(list(path.glob("state_*.pt")))
         if saved_ranks != self.world_size:
             raise ConfigError(
                 "checkpoint", f"{path} was saved by {saved_ranks} ranks, this run has {self.world_size}"
             )
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        with _quiet_dcp():
-            dcp.load(state, checkpoint_id=path / "dcp")
+        error, state = None, {}
+        try:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            with _quiet_dcp():
+                dcp.load(state, checkpoint_id=path / "dcp")
+            rank_state = torch.load(path / f"state_{self.rank}.pt", map_location="cpu", weights_only=False)
+        except (Exception, CheckpointException) as e:
+            error = e
+        if self._anywhere(error is not None):
+            raise CorruptCheckpointError(
+                path, describe_error(error) if error else "unreadable on another rank"
+            )
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        bad = non_finite_tensors(model, optimizer)  # never saved so: damage the checksums cannot see
+        if self._anywhere(bool(bad)):
+            raise CorruptCheckpointError(path, f"non-finite values in {bad[0] if bad else 'another rank'}")
         logger.info(f"resumed from {path}")
-        return torch.load(state_file, map_location="cpu", weights_only=False)
+        return rank_state
+
+    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Path, dict] | None:
+        """Load the newest checkpoint that is sound; corrupt ones are moved aside to `.corrupt-{step}`
+        (never deleted). None when there is no checkpoint; a RunError when none of them loads."""
+        candidates = list_checkpoints(self.root)
+        for path in reversed(candidates):
+            try:
+                state = self.load(path, model, optimizer)
+                self._read_confirmations(path)
+                return path, state
+            except CorruptCheckpointError as e:
+                self._barrier()
+                if self.rank == 0:
+                    aside = move_aside(path, CORRUPT_PREFIX)
+                    logger.error(f"{e}; moved aside to {aside}, trying the previous checkpoint")
+                self._barrier()
+        if candidates:
+            raise RunError(
+                f"no checkpoint of {self.root} could be loaded (moved aside as {CORRUPT_PREFIX}*); "
+                "move one back or start a new log dir"
+            )
+        return None
+
+    def _read_confirmations(self, resumed: Path) -> None:
+        """What earlier runs confirmed: the checkpoints after the newest `confirmed` one are in doubt (a
+        run that stopped, or ended, on nan left them). A run from before confirmations doubts only the
+        checkpoint it resumes from."""
+        found = list_checkpoints(self.root)
+        marked = [p for p in found if (p / CONFIRMED).exists()]
+        self.confirmed = marked[-1] if marked else None
+        self.unconfirmed = [p for p in found if p > marked[-1]] if marked else [resumed]
+
+    def confirm(self) -> None:
+        """A step had finite gradients: the weights of every checkpoint saved before it are sound (marked
+        `confirmed`, for later runs), and the confirmed one they replace may go (`keep_only`)."""
+        if self.unconfirmed:
+            if self.rank == 0:
+                for path in self.unconfirmed:
+                    if path.is_dir():
+                        (path / CONFIRMED).touch()
+            self.confirmed, self.unconfirmed = self.unconfirmed[-1], []
+            if self.rank == 0:
+                self._keep_only()
+
+    def set_aside_unconfirmed(self) -> Path | None:
+        """The run stops on nan: move the checkpoints whose weights gave it to `.nonfinite-{step}` (never
+        deleted); returns the newest checkpoint left, the one a restart resumes."""
+        self._barrier()
+        if self.rank == 0:
+            for path in self.unconfirmed:
+                if path.is_dir():
+                    aside = move_aside(path, NONFINITE_PREFIX)
+                    logger.warning(f"{path}: its weights gave non-finite gradients, moved aside to {aside}")
+        self.unconfirmed = []
+        self._barrier()
+        return latest_checkpoint(self.root)
 
     def _keep_only(self) -> None:
-        """Remove the oldest checkpoints beyond `keep_only`, except those awaiting evaluation."""
+        """Remove the oldest checkpoints beyond `keep_only`, except those awaiting evaluation, the newest
+        confirmed one and the unconfirmed ones (whose weights may yet prove bad)."""
         if self.cfg.keep_only <= 0:
             return
+        spared = {self.confirmed, *self.unconfirmed}
         for old in list_checkpoints(self.root)[: -self.cfg.keep_only]:
-            if has_eval_flag(old):
+            if has_eval_flag(old) or old in spared:
                 continue
             trash = old.with_name(TRASH_PREFIX + old.name)
             os.rename(old, trash)  # a crash mid-delete leaves no half checkpoint behind
             shutil.rmtree(trash, ignore_errors=True)
+
+
+def move_aside(path: Path, prefix: str) -> Path:
+    """Rename a checkpoint out of the listing (`{prefix}{name}`, `.1`, `.2`... if taken); never delete it."""
+    aside = path.with_name(prefix + path.name)
+    n = 0
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{prefix}{path.name}.{n}")
+    os.rename(path, aside)
+    return aside
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so a full disk surfaces as the OSError that names the path."""
+    with _naming(path), open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())

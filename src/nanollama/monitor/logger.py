@@ -69,7 +69,7 @@ class JsonlWriter:
 
     def __enter__(self) -> JsonlWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing queued
         return self
 
     def __exit__(self, *exc) -> None:
@@ -86,9 +86,17 @@ class JsonlWriter:
             fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
 
     def write(self, record: dict) -> None:
+        """One whole line or none: a failed write (full disk) is cut back off and names the file."""
+        data = (json.dumps(record) + "\n").encode()
         with self._locked():
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            end = self.file.seek(0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[self.file.write(data) :]
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    self.file.truncate(end)
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def state_dict(self) -> dict:
         return {"offset": self.file.tell()}
@@ -99,14 +107,23 @@ class JsonlWriter:
             if self.path.stat().st_size > offset:
                 with open(self.path) as f:
                     f.seek(offset)
-                    kept = [line for line in f if line.strip() and "checkpoint" in json.loads(line)]
+                    kept = [line for line in f if "checkpoint" in _parse(line)]
                 self.file.truncate(offset)
                 self.file.seek(0, os.SEEK_END)
-                self.file.writelines(kept)
-                self.file.flush()
+                self.file.write("".join(kept).encode())
             self.file.seek(0, os.SEEK_END)
 
 
+def _parse(line: str) -> dict:
+    """A line's record; {} for a blank or torn one (a writer killed mid-line, before writes were atomic)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL file; a torn line (a killed writer) is skipped."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [record for line in f if (record := _parse(line))]

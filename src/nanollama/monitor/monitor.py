@@ -1,9 +1,10 @@
 """`Monitor`: the plumbing around a training loop, as one context manager.
 
-It owns the log dir (config.yaml, logs/, metrics/, checkpoints/, wandb/), and after every
-optimizer step `end_step` logs metrics, writes the profiler row, checks the loss is finite,
-honours preemption signals and saves checkpoints. `resume` restores everything a run needs to
-continue exactly as if it had never stopped.
+It owns the log dir (config.yaml, logs/, metrics/, checkpoints/, wandb/) and holds its lock, and after
+every optimizer step `end_step` logs metrics, writes the profiler row, checks the loss is finite,
+counts skipped steps, honours preemption signals and saves checkpoints. `resume` restores everything a
+run needs to continue exactly as if it had never stopped, after checking that the config still fits
+the checkpoints; `config.yaml` is rewritten only once the resume has succeeded.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +33,12 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
+from .lock import LogDirLock
 from .logger import JsonlWriter, LoggingConfig, process_info, setup_logging
 from .preemption import PreemptionHandler
 from .probe import ActivationProbe, ProbeConfig
 from .profiler import HeavyProfiler, LightProfiler, ProfilerConfig
+from .run_config import RESUME_FIXED, RESUME_MAY_CHANGE, check_against_run
 from .wandb import WandbConfig, WandbLogger
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ class OrchestrationConfig:
     name: str = "debug"  # run name
     log_dir: str = ""  # the one folder of the run; empty: runs/{name}
     seed: int = 0  # global seed
+    max_skipped_steps: int = 8  # consecutive steps with non-finite gradients skipped before the run stops
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -55,6 +60,8 @@ class OrchestrationConfig:
     def check(self) -> None:
         if not self.name:
             raise ConfigError("name", "must not be empty")
+        if self.max_skipped_steps < 0:
+            raise ConfigError("max_skipped_steps", f"must be >= 0, got {self.max_skipped_steps}")
         # resolved here, after the merge: a dataclass default (__post_init__) only sees the default name
         self.log_dir = self.log_dir or f"runs/{self.name}"
         if self.log_dir and Path(self.log_dir).exists() and not Path(self.log_dir).is_dir():
@@ -62,7 +69,8 @@ class OrchestrationConfig:
 
 
 class NonFiniteLossError(RunError):
-    """The loss became nan or inf; the run stops and keeps its last good checkpoint."""
+    """The loss (or, `max_skipped_steps` times in a row, the gradients) became nan or inf; the run stops
+    and keeps its last good checkpoint."""
 
 
 class Monitor:
@@ -72,6 +80,7 @@ class Monitor:
         self.log_dir = Path(cfg.log_dir)
         self.rank = cluster.rank
         self.step = 0
+        self.skipped = 0  # consecutive steps whose update was skipped (non-finite gradients)
         self.stop = False
         self.objects: dict[str, Any] = {}
         self._stack = ExitStack()
@@ -79,21 +88,33 @@ class Monitor:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def __enter__(self) -> Monitor:
+        try:
+            return self._enter()
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _enter(self) -> Monitor:
+        enter = self._stack.enter_context
+        self._lock()
+        self.config_changes: list[str] = []
+        if latest_checkpoint(self.log_dir / "checkpoints") is not None:
+            self.config_changes = check_against_run(
+                self.run_config, self.log_dir / "config.yaml", "a resume", RESUME_MAY_CHANGE, RESUME_FIXED
+            )
         metrics = self.log_dir / "metrics"
-        for sub in ("metrics", "checkpoints", "logs"):
+        for sub in ("metrics", "logs"):
             (self.log_dir / sub).mkdir(parents=True, exist_ok=True)
         setup_logging(self.log_dir / "logs", self.rank, self.cfg.logging.level)
-        if self.cluster.is_main:
-            _write_atomic(self.log_dir / "config.yaml", to_yaml(self.run_config))
-        logger.info(f"{self.cluster.describe()}, {process_info()}")
-        logger.info(f"log dir: {self.log_dir.resolve()}")
-        enter = self._stack.enter_context
         world = self.cluster.world_size
-        self.checkpointer = enter(
+        self.checkpointer = enter(  # before any write: it removes stale temporary folders (a full disk's)
             Checkpointer(self.cfg.checkpoint, self.log_dir / "checkpoints", self.rank, world)
         )
+        logger.info(f"{self.cluster.describe()}, {process_info()}")
+        logger.info(f"log dir: {self.log_dir.resolve()}")
         self.raw = enter(JsonlWriter(metrics / f"raw_{self.rank}.jsonl"))
         self.evals = enter(JsonlWriter(metrics / f"eval_{self.rank}.jsonl"))
+        self.events = enter(JsonlWriter(metrics / f"events_{self.rank}.jsonl"))
         device = self.cluster.device
         profile_csv = metrics / f"profile_{self.rank}.csv"
         self.profiler = enter(LightProfiler(self.cfg.profiler.light, profile_csv, device, self.total_steps))
@@ -114,6 +135,21 @@ class Monitor:
         self._start_step = 0
         return self
 
+    def _lock(self) -> None:
+        """Rank 0 holds the log dir's lock; every rank refuses to start if another run holds it."""
+        lock = self._stack.enter_context(LogDirLock(self.log_dir))
+        holder = None
+        if self.cluster.is_main:
+            try:
+                holder = lock.acquire()
+            except OSError as e:
+                raise ConfigError(
+                    "orchestration.log_dir", f"cannot write {lock.path}: {e.strerror}"
+                ) from None
+        if self.cluster.all_reduce([float(holder is not None)], op="max")[0]:
+            who = f" ({holder})" if holder else ""
+            raise ConfigError("orchestration.log_dir", f"{self.log_dir} is in use by another run{who}")
+
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None and self.objects:
@@ -128,20 +164,27 @@ class Monitor:
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any) -> int:
         """Register what a checkpoint holds and restore the latest one if any; returns the step."""
         self.objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader}
-        path = latest_checkpoint(self.log_dir / "checkpoints")
-        if path is not None:
-            state = self.checkpointer.load(path, model, optimizer)
-            scheduler.load_state_dict(state["scheduler"])
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        found = self.checkpointer.load_latest(model, optimizer)
+        if found is not None:
+            path, state = found
+            _restore_schedule(optimizer, scheduler, state["scheduler"], hyper)
             loader.load_state_dict(state["data"])
             self.profiler.load_state_dict(state["profiler"])
             self.raw.load_state_dict(state["raw_metrics"])
             self.evals.load_state_dict(state["eval_metrics"])
             self.probe.load_state_dict(state.get("probe_metrics", {"offset": 0}))
+            self.events.load_state_dict(state.get("event_metrics", {"offset": 0}))
             set_rng_state(state["rng"])
-            self.step = state["step"]
+            self.step, self.skipped = state["step"], state.get("skipped", 0)
+            for change in self.config_changes:
+                logger.info(f"config changed on resume: {change}")
+                self.events.write({"step": self.step, "event": "config_change", "change": change})
         else:  # a restart before any checkpoint starts over: drop what the dead run wrote
-            for part in (self.profiler, self.raw, self.evals, self.probe):
+            for part in (self.profiler, self.raw, self.evals, self.probe, self.events):
                 part.load_state_dict({"offset": 0})
+        if self.cluster.is_main:  # only now: a resume that failed leaves the run's config as it was
+            _write_atomic(self.log_dir / "config.yaml", to_yaml(self.run_config))
         self._start_step = self.step
         self.heavy.start(self.step)
         return self.step
@@ -155,6 +198,8 @@ class Monitor:
             "raw_metrics": self.raw.state_dict(),
             "eval_metrics": self.evals.state_dict(),
             "probe_metrics": self.probe.state_dict(),
+            "event_metrics": self.events.state_dict(),
+            "skipped": self.skipped,
             "rng": rng_state(),
         }
 
@@ -211,9 +256,9 @@ class Monitor:
             preempted, non_finite = (flag > 0 for flag in self.cluster.all_reduce(flags, op="max"))
             if non_finite:
                 raise NonFiniteLossError(
-                    f"loss is not finite at step {step} (rank {self.rank}: {loss}); last good checkpoint: "
-                    f"{latest_checkpoint(self.log_dir / 'checkpoints') or 'none'}"
+                    f"loss is not finite at step {step} (rank {self.rank}: {loss}); " + self._last_good()
                 )
+            self._count_skipped(step, metrics.get("grad_norm", 0.0))
             if step % self.cfg.logging.period == 0 or step == self.total_steps:
                 self._log_metrics(step, loss, metrics)
         self.profiler.end_step(step, tokens)
@@ -227,6 +272,26 @@ class Monitor:
         if preempted:
             logger.warning(f"preempted: checkpoint saved at step {step}, exiting")
             self.stop = True
+
+    def _last_good(self) -> str:
+        """Where a restart resumes once the checkpoints whose weights gave nan are moved aside."""
+        return f"last good checkpoint: {self.checkpointer.set_aside_unconfirmed() or 'none'}"
+
+    def _count_skipped(self, step: int, grad_norm: float) -> None:
+        """`train_step` skips the update of a step whose gradients are not finite (the norm is global, so
+        every rank sees the same); too many in a row stop the run."""
+        if math.isfinite(grad_norm):
+            self.skipped = 0
+            self.checkpointer.confirm()
+            return
+        self.skipped += 1
+        self.events.write({"step": step, "event": "skipped_step", "grad_norm": str(grad_norm)})
+        logger.warning(f"step {step}: gradient norm {grad_norm}, update skipped ({self.skipped} in a row)")
+        if self.skipped > self.cfg.max_skipped_steps:
+            raise NonFiniteLossError(
+                f"gradients not finite for {self.skipped} steps in a row (to step {step}; "
+                f"orchestration.max_skipped_steps={self.cfg.max_skipped_steps}); " + self._last_good()
+            )
 
     def _log_metrics(self, step: int, loss: float, metrics: dict) -> None:
         now = time.perf_counter()
@@ -243,6 +308,20 @@ class Monitor:
         logger.info(_fields(record))
 
 
+def _restore_schedule(optimizer: Any, scheduler: Any, saved: dict, hyper: list[dict]) -> None:
+    """The checkpoint's step and moments, this config's hyperparameters: a resume with another
+    `optim.lr` (or weight decay, betas) trains with it, from the schedule's position at the checkpoint."""
+    for group, ours in zip(optimizer.param_groups, hyper):
+        group.update(ours)
+    scheduler.load_state_dict({**saved, "base_lrs": scheduler.base_lrs})
+    with warnings.catch_warnings():  # get_lr outside step() warns; it is the closed form we want here
+        warnings.simplefilter("ignore")
+        lrs = scheduler.get_lr()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -253,5 +332,8 @@ def _fields(record: dict) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave an empty config.yaml.tmp behind

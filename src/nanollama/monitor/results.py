@@ -67,8 +67,9 @@ def load_sweep(log_dir: str | os.PathLike, kind: str = "raw", rank: int = 0) -> 
 
 
 def sweep_status(log_dir: str | os.PathLike) -> pd.DataFrame:
-    """One row per task of a sweep: index, state (pending, running, requeued, done, failed), exit code
-    and grid values. States come from the tasks' own status files, never from SLURM accounting."""
+    """One row per task of a sweep: index, state (pending, running, requeued, done, failed, stopped by a
+    signal), exit code and grid values. States come from the tasks' own status files, never from SLURM
+    accounting."""
     log_dir = Path(log_dir)
     if not (log_dir / "sweep.yaml").is_file():
         raise FileNotFoundError(f"{log_dir} is not a sweep folder (no sweep.yaml)")

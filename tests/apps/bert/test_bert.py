@@ -167,8 +167,8 @@ def test_glue_cola_fine_tunes_and_evaluates_across_ranks(tmp_path):
     out = run_module("src.apps.bert.eval", f"config={log_dir}/config.yaml", "split=test")
     assert out.returncode == 0 and "cola test" in out.stdout and "(3 predictions)" in out.stdout
     sst2 = [f"config={log_dir}/config.yaml", "task.name=sst2", "split=test"]
-    out = run_module("src.apps.bert.eval", *sst2)  # GLUE's own test.tsv has no labels
-    assert out.returncode == 2 and "SST-2/test.tsv: has no labels" in out.stderr
+    out = run_module("src.apps.bert.eval", *sst2)  # a CoLA checkpoint is not evaluated as another task
+    assert_bad_input(out, "task.name: 'sst2' here, 'cola' in")
 
 
 def test_metric_reduction_sums_counts_across_two_ranks(tmp_path):
@@ -214,3 +214,9 @@ def test_bad_glue_row_and_mismatched_init_exit_2(mlm_run, tmp_path):
     assert out.returncode == 2 and f"{glue}/CoLA/train.tsv:2" in out.stderr, out.stderr
     out = run_module("src.apps.bert.train", FINETUNE, f"init.checkpoint={mlm_run}", "model.dim=32")
     assert out.returncode == 2 and "error: model.dim: 32 differs from 64" in out.stderr, out.stderr
+
+
+def test_eval_of_an_mlm_checkpoint_with_a_classification_config_exits_2(mlm_run):
+    checkpoint = latest_checkpoint(mlm_run / "checkpoints")
+    out = run_module("src.apps.bert.eval", FINETUNE, f"checkpoint={checkpoint}")
+    assert_bad_input(out, f"task.name: 'shuffled' here, 'mlm' in {mlm_run}/config.yaml")

@@ -105,6 +105,15 @@ def test_a_bad_glue_file_names_the_file_and_line(tmp_path, task, name, text, whe
     assert err.value.key == f"{folder}/{where}"
 
 
+def test_a_non_utf8_glue_file_names_the_file_and_the_byte(tmp_path):
+    shutil.copytree(FIXTURES / "CoLA", tmp_path / "CoLA")
+    path = tmp_path / "CoLA" / "dev.tsv"
+    path.write_bytes(b"fx0\t1\t\tGood.\nfx0\t1\t\tCaf\xe9 au lait.\n")
+    with pytest.raises(ConfigError) as err:
+        read_glue("cola", str(tmp_path), "valid")
+    assert (err.value.key, err.value.message) == (str(path), "not UTF-8 at byte 23")
+
+
 def test_missing_glue_folder_or_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         read_glue("cola", str(tmp_path), "train")

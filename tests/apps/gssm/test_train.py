@@ -14,20 +14,10 @@ import pytest
 
 from src.nanollama.monitor.checkpoint import has_eval_flag, list_checkpoints
 from src.nanollama.monitor.logger import read_jsonl
-from tests.conftest import ROOT, assert_bad_input, child_env, crash_after, losses, run_module
+from tests.conftest import GSSM_TINY, ROOT, assert_bad_input, child_env, crash_after, losses, run_module
 
 CONFIG = "config=src/apps/gssm/configs/debug.yaml"
-TINY = [
-    "model.dim=32",
-    "model.n_layers=1",
-    "data.seq_len=16",
-    "data.batch_size=8",
-    "optim.warmup=2",
-    "orchestration.logging.period=1",
-    "evaluation.n_sequences=16",
-    "evaluation.batch_size=8",
-    "orchestration.checkpoint.keep_only=0",
-]
+TINY = GSSM_TINY
 CYCLE = "[{name: a, parents: [b]}, {name: b, parents: [a]}, {name: x, parents: [a], observed: true}]"
 
 
@@ -67,6 +57,7 @@ def test_debug_run_writes_the_contracted_layout(tmp_path):
     [
         (["model.dimm=3"], "model.dimm"),
         (["optim.lr=fast"], "optim.lr"),
+        (["optim.lr=1e38"], "optim.lr: 1e+38 / (1 - beta1) overflows float32"),
         (["optim.scheduler=zigzag"], "optim.scheduler"),
         ([f"data.gssm.nodes={CYCLE}"], "cycle"),
         (["config=missing.yaml"], "missing.yaml"),
@@ -190,8 +181,12 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
     )
     assert out.returncode == 1
     (line,) = out.stderr.strip().splitlines()
-    assert line.startswith("error: NonFiniteLossError: loss is not finite at step")
-    assert len(list_checkpoints(log_dir / "checkpoints")) >= 1
+    assert line.startswith("error: NonFiniteLossError: ")
+    named = line.rsplit("last good checkpoint: ", 1)[1]
+    kept = list_checkpoints(log_dir / "checkpoints")
+    assert named == (str(kept[-1]) if kept else "none")
+    # lr=1e30 ruins the weights at step 1: every checkpoint gave nan gradients, and is moved aside, not lost
+    assert list((log_dir / "checkpoints").glob(".nonfinite-*"))
 
 
 def test_flex_falls_back_to_sdpa_on_cpu_and_bf16_autocast(tmp_path):

@@ -192,3 +192,29 @@ def test_jsonl_round_trip_of_demo(tmp_path, demo):
     with (tmp_path / "c.jsonl").open("w") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
     assert read_corpus(tmp_path) == docs
+
+
+def test_non_utf8_corpus_files_name_the_file_and_the_byte(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        read_corpus(tmp_path)
+    assert (e.value.key, e.value.message) == (str(bad), "not UTF-8 at byte 3")
+    bad.unlink()
+    bad = tmp_path / "c.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ConfigError) as e:
+        read_corpus(tmp_path)
+    assert (e.value.key, e.value.message) == (str(bad), "not UTF-8 at byte 28")  # of the file, not the line
+
+
+def test_tokenizer_errors_name_their_full_key(tmp_path):
+    missing = TokenizerConfig(kind="tiktoken", path=str(tmp_path / "none.tiktoken"))
+    too_large = TokenizerConfig(kind="sentencepiece", vocab_size=100_000, cache_dir=str(tmp_path))
+    for cfg, docs, key in (
+        (missing, None, "tokenizer.path"),
+        (too_large, ["a tiny corpus"], "tokenizer.vocab_size"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            build_tokenizer(cfg, docs)
+        assert e.value.key == key
