@@ -10,7 +10,11 @@ figure is new tokens / wall time of a whole `generate` call (prefill included), 
 One thread by default, for both: decode ops are too small to split, and on a busy machine OpenMP's
 waits between threads make every op ~10x slower (measured: 36 ms a step with 2 threads, 2.6 with 1).
 
+With `--dtype bfloat16` both models run with bf16 weights and cache; tokens are then compared, not
+required to match (the two models round differently), and the share of equal tokens is printed.
+
     python -m benchmarks.decode_throughput [--batch 1 8] [--new-tokens 128] [--rounds 5] [--threads 1]
+        [--dtype float32|bfloat16] [--hf-compile]
 """
 
 import argparse
@@ -50,7 +54,8 @@ def build_models(args: argparse.Namespace, tmp: Path) -> tuple[Transformer, tran
     save_model(tmp / "ckpt", cfg, ours.state_dict())
     export_hf(tmp / "ckpt", tmp / "hf")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp / "hf", attn_implementation="sdpa").eval()
-    return ours, hf
+    dtype = getattr(torch, args.dtype)
+    return ours.to(dtype), hf.to(dtype)
 
 
 def make_prompts(batch: int, args: argparse.Namespace) -> list[list[int]]:
@@ -109,8 +114,9 @@ def run_batch(ours: Transformer, hf, batch: int, args: argparse.Namespace) -> di
         print(f"  [batch {batch}] {name}: first call {time.perf_counter() - t:.1f}s", flush=True)
         reference = tokens if reference is None else reference
         same = tokens == reference
-        print(f"  [batch {batch}] {name}: tokens identical to ours eager: {same}")
-        assert same, f"{name} generated different tokens"
+        equal = sum(a == b for x, y in zip(tokens, reference) for a, b in zip(x, y)) / sum(map(len, tokens))
+        print(f"  [batch {batch}] {name}: tokens identical to ours eager: {same} ({equal:.0%} equal)")
+        assert same or args.dtype != "float32", f"{name} generated different tokens"
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(args.rounds):  # alternate, and reverse the order every other round
         for name in list(runs)[:: 1 if i % 2 == 0 else -1]:
@@ -124,6 +130,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and cache"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timed generate calls per variant")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument(
@@ -141,7 +150,7 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{torch.get_num_threads()} threads, fp32, greedy, sdpa attention for both"
+        f"{torch.get_num_threads()} threads, {args.dtype}, greedy, sdpa attention for both"
     )
     with tempfile.TemporaryDirectory() as tmp:
         ours, hf = build_models(args, Path(tmp))

@@ -1,10 +1,10 @@
 """Training throughput of our Transformer against Hugging Face's LlamaForCausalLM, same dimensions, CPU.
 
-Full steps (forward, cross-entropy, backward, AdamW) in eager mode and under torch.compile. The two
-models' timed steps alternate so that machine noise hits both alike; MFU is against a matmul peak
-measured in the same run.
+Full steps (forward, cross-entropy, backward, AdamW) in eager mode and under torch.compile, in fp32 or
+under bf16 autocast (`--dtype`, the same for both models). The two models' timed steps alternate so that
+machine noise hits both alike; MFU is against a matmul peak of the same dtype measured in the same run.
 
-    python benchmarks/train_throughput.py [--mode both|eager|compile] [--steps 20] [--warmup 3]
+    python benchmarks/train_throughput.py [--dtype float32|bfloat16] [--mode both|eager|compile] [--steps 20]
 """
 
 import argparse
@@ -45,14 +45,19 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     return {"ours": ours, "hf": hf}
 
 
-def make_step(name: str, model: torch.nn.Module, compile: bool, x: torch.Tensor, y: torch.Tensor):
-    """One full training step as a closure; both models get the same loss, optimizer and compile scope."""
+def make_step(
+    name: str, model: torch.nn.Module, compile: bool, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
+):
+    """One full training step as a closure; both models get the same loss, optimizer, precision and
+    compile scope."""
     model.train()
     forward = model if name == "ours" else (lambda tokens: model(input_ids=tokens).logits)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(forward(x).flatten(0, 1), y.flatten())
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = forward(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
     loss_fn = torch.compile(loss_fn) if compile else loss_fn
 
@@ -66,9 +71,9 @@ def make_step(name: str, model: torch.nn.Module, compile: bool, x: torch.Tensor,
     return step
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Best fp32 matmul FLOP/s of this machine, the ceiling a dense model can reach."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 10) -> float:
+    """Best matmul FLOP/s of this machine in `dtype`, the ceiling a dense model can reach."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -116,7 +121,8 @@ def run_mode(mode: str, models: dict, args: argparse.Namespace) -> dict[str, flo
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-    steps = {name: make_step(name, m, mode == "compile", x, y) for name, m in models.items()}
+    dtype = getattr(torch, args.dtype)
+    steps = {name: make_step(name, m, mode == "compile", x, y, dtype) for name, m in models.items()}
     times = time_steps(steps, args.warmup, args.steps, mode)
     tokens = args.batch * args.seq
     result = {name: tokens / statistics.median(ts) for name, ts in times.items()}
@@ -128,6 +134,7 @@ def run_mode(mode: str, models: dict, args: argparse.Namespace) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["both", "eager", "compile"], default="both")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model (compilation)")
     parser.add_argument("--dim", type=int, default=256)
@@ -140,9 +147,10 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{torch.get_num_threads()} threads, fp32, sdpa attention for both"
+        f"{torch.get_num_threads()} threads, {args.dtype}, sdpa attention for both"
     )
-    peak = matmul_peak()
+    dtype = getattr(torch, args.dtype)
+    peak = matmul_peak(dtype)
     models = build_models(args)
     fpt = flops_per_token(models["ours"], args.seq)
     n_params = sum(p.numel() for p in models["ours"].parameters())
@@ -156,7 +164,7 @@ def main() -> None:
         results = {mode: run_mode(mode, models, args) for mode in modes}
     finally:
         shutil.rmtree(INDUCTOR_DIR, ignore_errors=True)
-    peak = max(peak, matmul_peak())  # the best of two, as other load on the machine only lowers it
+    peak = max(peak, matmul_peak(dtype))  # the best of two, as other load on the machine only lowers it
 
     header = ("mode", "ours tok/s", "HF tok/s", "ours MFU", "HF MFU", "ratio", "target")
     print("\n{:<8} {:>11} {:>10} {:>9} {:>7} {:>6} {:>7}".format(*header))
@@ -169,7 +177,7 @@ def main() -> None:
             f"{mode:<8} {r['ours']:>11.0f} {r['hf']:>10.0f} {mfu['ours']:>9.1%} {mfu['hf']:>7.1%} "
             f"{ratio:>6.2f} {'>= ' + str(TARGETS[mode]):>7} {verdict}"
         )
-    print(f"MFU against a measured fp32 matmul peak (2048^3) of {peak / 1e9:.1f} GFLOP/s")
+    print(f"MFU against a measured {args.dtype} matmul peak (2048^3) of {peak / 1e9:.1f} GFLOP/s")
     if len(results) == 2:
         print(
             f"ours compiled / HF eager (medians): {results['compile']['ours'] / results['eager']['hf']:.2f}"

@@ -231,22 +231,26 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Mask, backend: str = "sdpa") -
 # -------------------------------------------------------------------------------------------- KV cache
 
 
+MIN_KV_BUCKET = 32  # the shortest cache prefix a decode step attends to
+
+
 class LayerCache(NamedTuple):
     """One layer's view of a KVCache during one forward: its buffers and the slots being written."""
 
     k: Tensor  # (B, n_kv_heads, max_len, head_dim)
     v: Tensor
     slots: Tensor  # (T,) cache slots of this forward's tokens
+    kv_len: int  # slots attended to: the first kv_len (KVCache.kv_len)
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_kv_heads, T, head_dim) at `slots`; return the whole buffers to attend to.
+        """Write k, v (B, n_kv_heads, T, head_dim) at `slots`; return the first kv_len slots to attend to.
 
         index_copy_ with a tensor of slots, not a slice with a Python int, keeps a compiled decode step
         free of recompiles as the cache fills.
         """
         self.k.index_copy_(2, self.slots, k.to(self.k.dtype))
         self.v.index_copy_(2, self.slots, v.to(self.v.dtype))
-        return self.k, self.v
+        return self.k[:, :, : self.kv_len], self.v[:, :, : self.kv_len]
 
 
 class KVCache:
@@ -255,8 +259,10 @@ class KVCache:
 
     Rows of different lengths are left-padded: row b holds padding before slot start[b], and its
     positions (RoPE) count from 0 at start[b]. A forward over T tokens writes slots length..length+T-1
-    of every row and attends over all max_len slots through a mask (`cache_mask`), so every decode step
-    has the same shapes: torch.compile compiles it once. Writing past max_len is an index error.
+    of every row and attends over the first `kv_len` slots through a mask (`cache_mask`). `kv_len` is
+    max_len unless the caller narrows it (`attend_to`): generation attends to the filled prefix rounded
+    up to a power of two, so a compiled decode step has a few shapes (one per bucket), not one per
+    token, and does not read the empty end of the cache. Writing past max_len is an index error.
     """
 
     def __init__(
@@ -277,6 +283,7 @@ class KVCache:
         self.start = torch.zeros(batch, dtype=torch.long, device=device)  # first real slot of each row
         if start is not None:
             self.start.copy_(start)
+        self.kv_len = max_len  # slots attended to (a Python int: a compiled step guards on it)
 
     @property
     def max_len(self) -> int:
@@ -290,8 +297,14 @@ class KVCache:
         """(B, T) RoPE positions of `slots` in each row; padding slots get 0."""
         return (slots[None, :] - self.start[:, None]).clamp_min(0)
 
+    def attend_to(self, filled: int) -> int:
+        """Attend to `filled` slots from now on, rounded up to a power of two (at least MIN_KV_BUCKET);
+        returns the new kv_len. `filled` is counted on the host by the caller: no device sync."""
+        self.kv_len = min(self.max_len, max(MIN_KV_BUCKET, 1 << (max(filled, 1) - 1).bit_length()))
+        return self.kv_len
+
     def layer(self, i: int, slots: Tensor) -> LayerCache:
-        return LayerCache(self.k[i], self.v[i], slots)
+        return LayerCache(self.k[i], self.v[i], slots, self.kv_len)
 
     def advance(self, T: int) -> None:
         self.length += T

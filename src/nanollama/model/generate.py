@@ -3,9 +3,10 @@
 Prompts are left-padded into one (B, P) batch: each row's positions start at 0 at its first real token
 and the cache's key-padding mask hides the padding (see `KVCache`), so a row generates what it would
 alone. One prefill pass writes the prompts into the cache, then every decode step feeds one token per
-row. Decode steps all have the same shapes, so `compile=True` compiles the step once per (batch size,
-cache length); cache lengths are rounded up to a multiple of `CACHE_ROUNDING` so that prompts of
-similar lengths share a compiled step.
+row. Each step attends only to the filled part of the cache, rounded up to a power of two
+(`KVCache.attend_to`), so `compile=True` compiles the step once per (batch size, cache length, bucket):
+a handful of shapes, and no step reads the empty end of the cache. Cache lengths are rounded up to a
+multiple of `CACHE_ROUNDING` so that prompts of similar lengths share compiled steps.
 
     from src.nanollama.model.generate import generate
     completions = generate(model, [[5, 3, 9], [7]], max_new_tokens=32, temperature=0.8, top_p=0.9, seed=0)
@@ -62,6 +63,9 @@ def decode_step(model: Transformer, tokens: Tensor, cache: KVCache) -> Tensor:
 
 
 _compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+# One compiled step per (batch, cache length, bucket): dynamo's default of 8 per function would drop a
+# notebook that generates at a few batch sizes back to eager.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 def prefill(
@@ -73,6 +77,7 @@ def prefill(
     tokens, start = left_pad(prompts, device)
     max_len = tokens.shape[1] + max_new_tokens - 1  # the last new token is never fed back
     cache = model.new_cache(len(prompts), -(-max_len // CACHE_ROUNDING) * CACHE_ROUNDING, start)
+    cache.attend_to(tokens.shape[1])
     return model(tokens, cache=cache)[:, -1], cache
 
 
@@ -113,7 +118,7 @@ def generate(
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     out = torch.empty(len(prompts), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    n = max_new_tokens
+    n, filled = max_new_tokens, max(len(p) for p in prompts)  # slots filled, counted on the host
     for i in range(max_new_tokens):
         tokens = sample(logits, temperature, top_k, top_p, generator)
         out[:, i] = tokens
@@ -123,9 +128,10 @@ def generate(
                 n = i + 1
                 break
         if i + 1 < max_new_tokens:
-            # Every step after the first sees the same model, cache and shapes: skip re-checking the
-            # compiled step's guards (~40 tensors; a tenth of a step at this size).
-            trusted = compile and i > 0
+            bucket, filled = cache.kv_len, filled + 1
+            # A step in the same bucket as the last sees the same model, cache and shapes: skip
+            # re-checking the compiled step's guards (~40 tensors; a tenth of a step at this size).
+            trusted = cache.attend_to(filled) == bucket and compile and i > 0
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if trusted else nullcontext():
                 logits = step(model, tokens, cache)
     return [truncate(row, stop_tokens) for row in out[:, :n].tolist()]

@@ -243,7 +243,7 @@ class Transformer(nn.Module):
                 raise ValueError("doc_ids with a KV cache is not supported (one document per row)")
             base = document_mask(doc_ids, base)
         if cache is not None:
-            base, kv_len = cache_mask(cache.start, slots, base), cache.max_len
+            base, kv_len = cache_mask(cache.start, slots, base), cache.kv_len
         else:
             kv_len = T
         return build_mask(base, B, T, kv_len, h.device, self.cfg.attention)

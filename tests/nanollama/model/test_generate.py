@@ -43,6 +43,34 @@ def test_cached_decoding_matches_full_forward(backend: str, extra: dict):
     torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_bucketed_cache_attention_equals_full_cache_attention(backend: str):
+    """Attending to the filled prefix rounded up to a power of two gives the full cache's logits."""
+    model = make(attention=backend)
+    x = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full_cache = cached_logits(model, x, [20] + [1] * 60)
+        cache, out, filled = model.new_cache(2, 96), [], 0
+        for size in [20] + [1] * 60:
+            filled += size
+            out.append(model(x[:, filled - size : filled], cache=cache))
+            assert cache.kv_len == 96 or filled <= cache.kv_len < 2 * max(filled, 32)
+            cache.attend_to(filled + 1)  # the next step's slot
+    assert [cache.attend_to(n) for n in (1, 32, 33, 64, 65, 96, 97)] == [32, 32, 64, 64, 96, 96, 96]
+    torch.testing.assert_close(torch.cat(out, dim=1), full_cache, atol=1e-5, rtol=0)
+
+
+def test_generation_across_buckets_is_argmax_of_full_forward():
+    model = make()
+    prompt = prompts((30,))[0]
+    out = generate(model, [prompt], max_new_tokens=50)[0]  # buckets 32, 64, then all 96 slots
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(50):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    assert out == tokens[len(prompt) :]
+
+
 def test_cache_stores_kv_heads_once():
     model = make(n_heads=4, n_kv_heads=2)
     cache = model.new_cache(3, 16)
@@ -159,7 +187,7 @@ def test_compiled_decode_matches_eager(tmp_path, monkeypatch):
     torch._dynamo.reset()
     model = make(dim=32, n_layers=1, n_heads=2, n_kv_heads=1)
     batch = prompts((3, 7))
-    eager = generate(model, batch, max_new_tokens=10)
-    assert generate(model, batch, max_new_tokens=10, compile=True) == eager
-    assert generate(model, batch[::-1], max_new_tokens=10, compile=True) == eager[::-1]  # reuses the step
+    eager = generate(model, batch, max_new_tokens=40)  # across the 32-slot bucket into the 64 one
+    assert generate(model, batch, max_new_tokens=40, compile=True) == eager
+    assert generate(model, batch[::-1], max_new_tokens=40, compile=True) == eager[::-1]  # reuses the steps
     torch._dynamo.reset()
