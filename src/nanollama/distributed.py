@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -24,11 +25,25 @@ from .config import ConfigError
 logger = logging.getLogger(__name__)
 
 
+def native_bf16(device_type: str, cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """Whether bf16 matmuls run natively here: a CUDA GPU that supports bf16, or a CPU whose flags (Linux's
+    /proc/cpuinfo) have AVX512-BF16 or AMX-BF16. Elsewhere (no such file, e.g. macOS) False: bf16 would
+    be emulated, slower than fp32."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @dataclass
 class ClusterConfig:
     device: str = "auto"  # auto | cpu | cuda
     parallelism: str = "ddp"  # ddp | fsdp (used when more than one process)
-    dtype: str = "float32"  # float32 | bfloat16 (mixed precision: autocast, or FSDP's policy on GPU)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast, or FSDP's policy on GPU) | auto (see native_bf16)
     compile: bool = False
     matmul_precision: str = "high"  # torch.set_float32_matmul_precision
 
@@ -36,7 +51,7 @@ class ClusterConfig:
         choices = {
             "device": ("auto", "cpu", "cuda"),
             "parallelism": ("ddp", "fsdp"),
-            "dtype": ("float32", "bfloat16"),
+            "dtype": ("float32", "bfloat16", "auto"),
             "matmul_precision": ("highest", "high", "medium"),
         }
         for key, allowed in choices.items():
@@ -44,6 +59,8 @@ class ClusterConfig:
                 raise ConfigError(key, f"'{getattr(self, key)}' is not one of {', '.join(allowed)}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device", "cuda requested but no GPU is visible (use device=auto or cpu)")
+        if self.dtype == "auto":  # resolved here, so config.yaml records what the run used
+            self.dtype = "bfloat16" if native_bf16(self.device_type) else "float32"
 
     @property
     def device_type(self) -> str:

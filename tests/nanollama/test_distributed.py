@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from src.nanollama import distributed
 from src.nanollama.config import ConfigError, build_config
 from src.nanollama.distributed import Cluster, ClusterConfig, detect_environment
 
@@ -56,3 +57,21 @@ def test_config_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device: cuda requested"):
             build_config(ClusterConfig, {"device": "cuda"})
+
+
+@pytest.mark.parametrize(
+    "flags, native",
+    [("fpu sse avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True), ("fpu sse avx2 avx512f", False)],
+)
+def test_dtype_auto_follows_the_cpu_bf16_flags(tmp_path, monkeypatch, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert distributed.native_bf16("cpu", cpuinfo) is native
+    real = distributed.native_bf16
+    monkeypatch.setattr(distributed, "native_bf16", lambda device_type: real(device_type, cpuinfo))
+    cfg = build_config(ClusterConfig, {"device": "cpu", "dtype": "auto"})
+    assert cfg.dtype == ("bfloat16" if native else "float32")  # resolved: config.yaml records it
+
+
+def test_no_cpuinfo_means_no_native_bf16(tmp_path):
+    assert distributed.native_bf16("cpu", tmp_path / "missing") is False

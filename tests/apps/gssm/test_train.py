@@ -228,3 +228,16 @@ def test_debug_config_gets_within_005_nats_of_bayes(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     final = read_jsonl(log_dir / "metrics" / "eval_0.jsonl")[-1]
     assert final["gap"] < 0.05, final
+
+
+def test_bf16_autocast_resumes_exactly_and_tracks_fp32(tmp_path):
+    full, resumed, fp32 = tmp_path / "full", tmp_path / "resumed", tmp_path / "fp32"
+    args = ["optim.steps=12", "orchestration.checkpoint.period=6"]
+    train(full, *args, "cluster.dtype=bfloat16")
+    crash_after(full, resumed, 6)
+    train(resumed, *args, "cluster.dtype=bfloat16")
+    assert losses(resumed) == losses(full)  # exactly, in bf16 too
+    train(fp32, *args)
+    bf16, ref = losses(full), losses(fp32)
+    assert bf16 != ref  # the autocast really ran
+    assert all(abs(bf16[s] - ref[s]) < 0.02 * ref[s] for s in ref)  # within 2% at every step
