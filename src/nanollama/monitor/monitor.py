@@ -138,17 +138,15 @@ class Monitor:
     def _lock(self) -> None:
         """Rank 0 holds the log dir's lock; every rank refuses to start if another run holds it."""
         lock = self._stack.enter_context(LogDirLock(self.log_dir))
-        holder = None
+        refusal = "rank 0 could not take the log dir's lock"  # what the other ranks can say
         if self.cluster.is_main:
             try:
                 holder = lock.acquire()
-            except OSError as e:
-                raise ConfigError(
-                    "orchestration.log_dir", f"cannot write {lock.path}: {e.strerror}"
-                ) from None
-        if self.cluster.all_reduce([float(holder is not None)], op="max")[0]:
-            who = f" ({holder})" if holder else ""
-            raise ConfigError("orchestration.log_dir", f"{self.log_dir} is in use by another run{who}")
+                refusal = f"{self.log_dir} is in use by another run ({holder})" if holder else ""
+            except OSError as e:  # decided with the other ranks below, so none waits forever
+                refusal = f"cannot write {lock.path}: {e.strerror}"
+        if self.cluster.all_reduce([float(bool(refusal))], op="max")[0]:
+            raise ConfigError("orchestration.log_dir", refusal)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

@@ -221,6 +221,9 @@ def test_a_read_only_run_prints_its_eval_and_refuses_to_train_in_one_line(tiny_d
     assert "Read-only file system" in one_line(out)
     out = gssm("train", log_dir, "optim.steps=4")
     assert_bad_input(out, "Read-only file system")
+    args = [CONFIG, f"orchestration.log_dir={tiny_disk / 'new'}", *TINY]
+    out = run_module("src.apps.gssm.train", *args, nproc=2, timeout=120)  # rank 1 must not wait forever
+    assert out.returncode != 0 and "rank 0 could not take the log dir's lock" in out.stderr
 
 
 @pytest.mark.slow
