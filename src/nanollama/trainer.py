@@ -22,7 +22,7 @@ from .config import ConfigError
 from .data.packing import TextDataConfig, source_documents
 from .data.text import Tokenizer, TokenizerConfig, build_tokenizer
 from .distributed import Cluster
-from .model.attention import flex_backward_available
+from .model.attention import batch_mask_error, flex_backward_available
 from .model.transformer import Transformer, TransformerConfig
 from .monitor.checkpoint import clear_eval_flag, find_checkpoint
 from .monitor.logger import JsonlWriter
@@ -56,6 +56,18 @@ def build_text_tokenizer(tok: TokenizerConfig, data: TextDataConfig, model: Tran
         raise ConfigError("model.vocab_size", f"{model.vocab_size} != tokenizer's {tokenizer.vocab_size}")
     model.vocab_size = tokenizer.vocab_size
     return tokenizer
+
+
+def check_text_masks(cfg: Any, world_size: int) -> None:
+    """A text app's per-batch attention masks (documents, padding) can be built for its largest batch on
+    a rank, training micro-batch or evaluation batch: refused at start-up, not at the first batch."""
+    rows = max(
+        cfg.data.batch_size // (world_size * cfg.optim.accumulation_steps),
+        cfg.evaluation.batch_size // world_size,
+        1,
+    )
+    if why := batch_mask_error(cfg.model.attention, cfg.cluster.device_type, rows, cfg.data.seq_len):
+        raise ConfigError("data.seq_len", why)
 
 
 def seed_everything(seed: int, rank: int) -> None:

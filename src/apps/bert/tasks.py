@@ -25,8 +25,8 @@ from ...nanollama.data.loader import ResumableLoader
 from ...nanollama.data.packing import TextStream
 from ...nanollama.data.text import Tokenizer
 from ...nanollama.distributed import Cluster
-from ...nanollama.model.attention import batch_mask_error
 from ...nanollama.model.transformer import Transformer
+from ...nanollama.trainer import check_text_masks
 from .data import (
     GLUE,
     IGNORE,
@@ -212,11 +212,7 @@ class MLMTask(Task):
 
     def check_inputs(self, world_size: int) -> None:
         self.eval_stream("valid", 0, world_size)
-        cfg = self.cfg
-        rows = max(cfg.data.batch_size // (world_size * cfg.optim.accumulation_steps), 1)
-        rows = max(rows, cfg.evaluation.batch_size // world_size)
-        if why := batch_mask_error(cfg.model.attention, cfg.cluster.device_type, rows, cfg.data.seq_len):
-            raise ConfigError("data.seq_len", why)
+        check_text_masks(self.cfg, world_size)
 
     def train_loader(self, batch_size: int, rank: int, world_size: int) -> MaskedStream:
         return self.stream("train", batch_size, rank, world_size)

@@ -24,7 +24,6 @@ from ...nanollama.config import ConfigError, entrypoint, section
 from ...nanollama.data.packing import TextDataConfig, TextStream
 from ...nanollama.data.text import Tokenizer, TokenizerConfig
 from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
-from ...nanollama.model.attention import batch_mask_error
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
@@ -32,6 +31,7 @@ from ...nanollama.trainer import (
     build_text_tokenizer,
     build_transformer,
     causal_lm_loss,
+    check_text_masks,
     seed_everything,
     train_step,
 )
@@ -64,9 +64,7 @@ class TrainConfig:
             )
         with section("data"):
             TextStream(self.data, tokenizer, "valid", 0, world)
-        rows = max(self.data.batch_size // (world * self.optim.accumulation_steps), ev.batch_size // world)
-        if why := batch_mask_error(self.model.attention, self.cluster.device_type, rows, self.data.seq_len):
-            raise ConfigError("data.seq_len", why)
+        check_text_masks(self, world)
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:

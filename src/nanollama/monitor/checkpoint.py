@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..config import ConfigError, RunError
 from ..model.io import WEIGHTS, check_shapes, load_weights
+from .files import naming, write_synced
 from .manifest import checksum_part, verify_checkpoint, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -208,24 +209,6 @@ def _is_bad(tensor: Any) -> bool:
     return not bool(torch.isfinite(_local(tensor)).all())
 
 
-def _write_text_synced(path: Path, text: str) -> None:
-    with _naming(path), open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """A failed write names its file (ENOSPC from write() carries no path of its own)."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename:
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from e
-
-
 class Checkpointer:
     """Saves and restores the whole training state; every rank calls `save`/`load` together.
 
@@ -307,7 +290,7 @@ class Checkpointer:
             )
             _torch_save(rank_state, tmp / f"state_{self.rank}.pt")
             for name, record in (records or {}).items():
-                _write_text_synced(tmp / name, json.dumps(record, indent=1) + "\n")
+                write_synced(tmp / name, json.dumps(record, indent=1) + "\n")
             if self.rank == 0:
                 _torch_save(full, tmp / "model.pt")
                 if eval_flag:
@@ -460,7 +443,7 @@ def move_aside(path: Path, prefix: str) -> Path:
 
 def _torch_save(obj: Any, path: Path) -> None:
     """torch.save through a Python file, so a full disk surfaces as the OSError that names the path."""
-    with _naming(path), open(path, "wb") as f:
+    with naming(path), open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 
 from ..config import ConfigError
+from .files import naming
 
 FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
 
@@ -91,12 +92,13 @@ class JsonlWriter:
         with self._locked():
             end = self.file.seek(0, os.SEEK_END)
             try:
-                while data:
-                    data = data[self.file.write(data) :]
-            except OSError as e:
+                with naming(self.path):
+                    while data:
+                        data = data[self.file.write(data) :]
+            except OSError:
                 with contextlib.suppress(OSError):
                     self.file.truncate(end)
-                raise OSError(e.errno, e.strerror, str(self.path)) from e
+                raise
 
     def state_dict(self) -> dict:
         return {"offset": self.file.tell()}

@@ -14,6 +14,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from .files import write_synced
+
 MANIFEST = "manifest.json"
 CHUNK = 16 << 20
 
@@ -38,11 +40,9 @@ def checksum_part(folder: str | os.PathLike, part: int = 0, parts: int = 1) -> d
 
 
 def write_manifest(folder: str | os.PathLike, entries: dict[str, dict[str, Any]]) -> None:
-    text = json.dumps({"files": dict(sorted(entries.items()))}, indent=1) + "\n"
-    with open(Path(folder) / MANIFEST, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(
+        Path(folder) / MANIFEST, json.dumps({"files": dict(sorted(entries.items()))}, indent=1) + "\n"
+    )
 
 
 def verify_checkpoint(

@@ -33,6 +33,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
+from .files import write_synced
 from .lock import LogDirLock
 from .logger import JsonlWriter, LoggingConfig, process_info, setup_logging
 from .preemption import PreemptionHandler
@@ -138,7 +139,7 @@ class Monitor:
     def _lock(self) -> None:
         """Rank 0 holds the log dir's lock; every rank refuses to start if another run holds it."""
         lock = self._stack.enter_context(LogDirLock(self.log_dir))
-        refusal = "rank 0 could not take the log dir's lock"  # what the other ranks can say
+        refusal = ""  # rank 0's reason not to start; the other ranks only learn that there is one
         if self.cluster.is_main:
             try:
                 holder = lock.acquire()
@@ -146,7 +147,7 @@ class Monitor:
             except OSError as e:  # decided with the other ranks below, so none waits forever
                 refusal = f"cannot write {lock.path}: {e.strerror}"
         if self.cluster.all_reduce([float(bool(refusal))], op="max")[0]:
-            raise ConfigError("orchestration.log_dir", refusal)
+            raise ConfigError("orchestration.log_dir", refusal or "rank 0 could not take the log dir's lock")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -254,7 +255,7 @@ class Monitor:
             preempted, non_finite = (flag > 0 for flag in self.cluster.all_reduce(flags, op="max"))
             if non_finite:
                 raise NonFiniteLossError(
-                    f"loss is not finite at step {step} (rank {self.rank}: {loss}); " + self._last_good()
+                    f"loss is not finite at step {step} (rank {self.rank}: {loss}); " + self._set_aside_bad()
                 )
             self._count_skipped(step, metrics.get("grad_norm", 0.0))
             if step % self.cfg.logging.period == 0 or step == self.total_steps:
@@ -271,8 +272,8 @@ class Monitor:
             logger.warning(f"preempted: checkpoint saved at step {step}, exiting")
             self.stop = True
 
-    def _last_good(self) -> str:
-        """Where a restart resumes once the checkpoints whose weights gave nan are moved aside."""
+    def _set_aside_bad(self) -> str:
+        """Move aside the checkpoints whose weights gave nan; says where a restart resumes."""
         return f"last good checkpoint: {self.checkpointer.set_aside_unconfirmed() or 'none'}"
 
     def _count_skipped(self, step: int, grad_norm: float) -> None:
@@ -288,7 +289,7 @@ class Monitor:
         if self.skipped > self.cfg.max_skipped_steps:
             raise NonFiniteLossError(
                 f"gradients not finite for {self.skipped} steps in a row (to step {step}; "
-                f"orchestration.max_skipped_steps={self.cfg.max_skipped_steps}); " + self._last_good()
+                f"orchestration.max_skipped_steps={self.cfg.max_skipped_steps}); " + self._set_aside_bad()
             )
 
     def _log_metrics(self, step: int, loss: float, metrics: dict) -> None:
@@ -331,7 +332,7 @@ def _fields(record: dict) -> str:
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        write_synced(tmp, text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # a full disk must not leave an empty config.yaml.tmp behind

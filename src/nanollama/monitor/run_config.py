@@ -28,7 +28,10 @@ RESUME_MAY_CHANGE = (
 )
 RESUME_FIXED = ("orchestration.seed",)  # within those sections: the data streams follow from it
 # An evaluation may also change the RoPE scaling and the batch it reads the data with.
-EVAL_MAY_CHANGE = RESUME_MAY_CHANGE + ("model.rope_", "data.batch_size")
+EVAL_MAY_CHANGE = RESUME_MAY_CHANGE + (
+    *(f"model.rope_{k}" for k in ("scaling", "factor", "original_length", "beta_fast", "beta_slow")),
+    "data.batch_size",
+)
 # 0 means "filled in from the data" (graph, tokenizer): an eval script fills it in after this check.
 AUTO_ZERO = ("model.vocab_size",)
 
@@ -44,7 +47,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:
-    return any(key == p or key.startswith(p if p.endswith("_") else p + ".") for p in patterns)
+    return any(key == p or key.startswith(p + ".") for p in patterns)
 
 
 def config_changes(saved: dict, ours: dict) -> list[tuple[str, Any, Any]]:
