@@ -5,6 +5,7 @@ under bf16 autocast (`--dtype`, the same for both models). The two models' timed
 machine noise hits both alike; MFU is against a matmul peak of the same dtype measured in the same run.
 
     python benchmarks/train_throughput.py [--dtype float32|bfloat16] [--mode both|eager|compile] [--steps 20]
+                                          [--profile]   # also: where each model's step spends its time
 """
 
 import argparse
@@ -116,6 +117,20 @@ def time_steps(
     return times
 
 
+def profile_steps(steps: dict[str, Callable[[], float]], label: str, rows: int = 12) -> None:
+    """torch.profiler's self-time table of 3 steps of each model: where the time goes besides matmuls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+        table = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48
+        )
+        print(f"\n  [{label}] {name}: profile of 3 steps\n{table}")
+
+
 def run_mode(mode: str, models: dict, args: argparse.Namespace) -> dict[str, float]:
     """Tokens/s of each model (median step) and the median over rounds of their paired speed ratio."""
     g = torch.Generator().manual_seed(0)
@@ -124,6 +139,8 @@ def run_mode(mode: str, models: dict, args: argparse.Namespace) -> dict[str, flo
     dtype = getattr(torch, args.dtype)
     steps = {name: make_step(name, m, mode == "compile", x, y, dtype) for name, m in models.items()}
     times = time_steps(steps, args.warmup, args.steps, mode)
+    if args.profile:
+        profile_steps(steps, mode)
     tokens = args.batch * args.seq
     result = {name: tokens / statistics.median(ts) for name, ts in times.items()}
     # Steps of the same round ran back to back, under the same load from whatever else runs here.
@@ -136,6 +153,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["both", "eager", "compile"], default="both")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    parser.add_argument("--profile", action="store_true", help="print each model's torch.profiler table")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model (compilation)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
