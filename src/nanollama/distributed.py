@@ -43,7 +43,8 @@ def native_bf16(device_type: str, cpuinfo: str | os.PathLike = "/proc/cpuinfo") 
 class ClusterConfig:
     device: str = "auto"  # auto | cpu | cuda
     parallelism: str = "ddp"  # ddp | fsdp (used when more than one process)
-    dtype: str = "float32"  # float32 | bfloat16 (autocast, or FSDP's policy on GPU) | auto (see native_bf16)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast, or FSDP's policy on GPU) | float16 (CUDA:
+    # autocast + GradScaler) | auto (see native_bf16)
     compile: bool = False
     matmul_precision: str = "high"  # torch.set_float32_matmul_precision
 
@@ -51,7 +52,7 @@ class ClusterConfig:
         choices = {
             "device": ("auto", "cpu", "cuda"),
             "parallelism": ("ddp", "fsdp"),
-            "dtype": ("float32", "bfloat16", "auto"),
+            "dtype": ("float32", "bfloat16", "float16", "auto"),
             "matmul_precision": ("highest", "high", "medium"),
         }
         for key, allowed in choices.items():
@@ -61,6 +62,11 @@ class ClusterConfig:
             raise ConfigError("device", "cuda requested but no GPU is visible (use device=auto or cpu)")
         if self.dtype == "auto":  # resolved here, so config.yaml records what the run used
             self.dtype = "bfloat16" if native_bf16(self.device_type) else "float32"
+        if self.dtype == "float16" and self.device_type != "cuda":
+            raise ConfigError("dtype", "float16 (with a GradScaler) needs CUDA; on cpu use bfloat16, float32")
+        if self.dtype == "float16" and self.parallelism == "fsdp":
+            # each shard would find its own overflows and skip steps, and scale, on its own
+            raise ConfigError("dtype", "float16 needs parallelism=ddp (use bfloat16 with fsdp)")
 
     @property
     def device_type(self) -> str:
@@ -137,6 +143,9 @@ class Cluster:
         self.device = torch.device(f"cuda:{self.env.local_rank}" if use_cuda else "cpu")
         self.device_type = self.device.type
         self.fsdp = cfg.parallelism == "fsdp" and self.world_size > 1
+        # float16 only (CUDA): scales the loss so small gradients do not flush to zero, skips overflowed
+        # steps; disabled, its calls pass through. Its state is checkpointed with the run.
+        self.grad_scaler = torch.amp.GradScaler(self.device_type, enabled=cfg.dtype == "float16")
 
     def __enter__(self) -> Cluster:
         torch.set_float32_matmul_precision(self.cfg.matmul_precision)
@@ -193,7 +202,9 @@ class Cluster:
         return model
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast, unless FSDP's mixed-precision policy already casts (GPU)."""
+        """bf16 or fp16 autocast, unless FSDP's mixed-precision policy already casts (GPU, bf16)."""
+        if self.cfg.dtype == "float16":  # CUDA and DDP only (ClusterConfig.check)
+            return torch.autocast(self.device_type, dtype=torch.float16)
         if self.cfg.dtype != "bfloat16" or (self.fsdp and self.device_type == "cuda"):
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=torch.bfloat16)

@@ -1,4 +1,4 @@
-"""AdamW with weight-decay param groups, warmup + LR schedules, and gradient clipping.
+"""AdamW with weight-decay param groups, warmup + LR schedules, and gradient clipping (fixed or adaptive).
 
 Schedules are pure functions of the optimizer step (`lr_factor`), so they are easy to test, plot and
 resume: a `LambdaLR` only needs its `last_epoch` back to continue exactly where it stopped.
@@ -15,6 +15,7 @@ from torch import nn
 from .config import ConfigError
 
 SCHEDULERS = ("constant", "linear", "cosine", "wsd", "inv_sqrt")
+CLIP_MODES = ("fixed", "adaptive")
 
 
 @dataclass
@@ -26,6 +27,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip: float = 1.0  # max grad norm; 0 disables clipping (the norm is still computed and returned)
+    clip_mode: str = "fixed"  # fixed: at `clip`; adaptive: at clip_adaptive_factor x the grad-norm EMA
+    clip_adaptive_factor: float = 2.0  # adaptive: the threshold in units of the running grad norm
+    clip_ema_decay: float = 0.99  # adaptive: of the grad-norm EMA (fed the clipped norms: outliers stay out)
     accumulation_steps: int = 1  # micro-batches per optimizer step
     scheduler: str = "cosine"  # constant | linear | cosine | wsd | inv_sqrt
     warmup: float = 0.0  # >= 1: steps; in [0, 1): fraction of `steps`
@@ -57,6 +61,12 @@ class OptimConfig:
             raise ConfigError("lr", f"{self.lr} / (1 - beta1) overflows float32")
         if not self.eps > 0:
             raise ConfigError("eps", f"must be > 0, got {self.eps}")
+        if self.clip_mode not in CLIP_MODES:
+            raise ConfigError("clip_mode", f"'{self.clip_mode}' is not one of {', '.join(CLIP_MODES)}")
+        if not self.clip_adaptive_factor > 0:
+            raise ConfigError("clip_adaptive_factor", f"must be > 0, got {self.clip_adaptive_factor}")
+        if not 0 <= self.clip_ema_decay < 1:
+            raise ConfigError("clip_ema_decay", f"must be in [0, 1), got {self.clip_ema_decay}")
         if self.accumulation_steps < 1:
             raise ConfigError("accumulation_steps", f"must be >= 1, got {self.accumulation_steps}")
         if self.scheduler not in SCHEDULERS:
@@ -181,3 +191,29 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm.item()
+
+
+@dataclass
+class ClipState:
+    """The running grad norm of adaptive clipping; checkpointed with the run, so a resume clips the same."""
+
+    ema: float = 0.0
+    seen: int = 0  # finite norms in the EMA; before the first, adaptive clipping uses the fixed `clip`
+
+
+def clip_gradients(model: nn.Module, cfg: OptimConfig, state: ClipState) -> tuple[float, float]:
+    """Clip as `cfg.clip_mode` says; returns the total norm before clipping and the threshold used.
+
+    Adaptive: the threshold is `clip_adaptive_factor` x the EMA of past norms, each entered clipped, so a
+    burst of large gradients cannot raise its own threshold; non-finite norms (a skipped step) stay out.
+    """
+    if cfg.clip_mode == "fixed":
+        return clip_grad_norm(model, cfg.clip), cfg.clip
+    max_norm = cfg.clip_adaptive_factor * state.ema if state.seen else cfg.clip
+    norm = clip_grad_norm(model, max_norm)
+    if math.isfinite(norm):
+        clipped = min(norm, max_norm) if max_norm > 0 else norm
+        d = cfg.clip_ema_decay
+        state.ema = d * state.ema + (1 - d) * clipped if state.seen else clipped
+        state.seen += 1
+    return norm, max_norm

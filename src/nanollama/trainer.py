@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ from .monitor.checkpoint import clear_eval_flag, find_checkpoint
 from .monitor.logger import JsonlWriter
 from .monitor.monitor import Monitor
 from .monitor.run_config import EVAL_MAY_CHANGE, check_against_run
-from .optim import OptimConfig, clip_grad_norm
+from .optim import OptimConfig, clip_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +98,14 @@ def train_step(
 
     `next_batch()` draws a micro-batch, `loss_fn(batch)` returns its mean loss. Gradients are synced
     only on the last micro-step. A step whose gradient norm is not finite is not applied (the scheduler
-    still moves on; the Monitor counts such steps). Returns the rank's mean loss and the step's lr and
-    grad norm.
+    still moves on; the Monitor counts such steps). The LR is the scheduler's times the Monitor's
+    loss-spike scale; under float16 the loss is scaled (`cluster.grad_scaler`) and the gradients unscaled
+    before they are clipped. Returns the rank's mean loss and the step's lr and grad norm (+ the adaptive
+    clipping threshold, the float16 loss scale).
     """
     model.train()
     acc = cfg.accumulation_steps
+    scaler = cluster.grad_scaler  # disabled (all calls pass through) unless cluster.dtype=float16
     loss_sum = torch.zeros((), device=cluster.device)
     with monitor.probe.capture(model, step + 1):  # activation statistics every probe.period steps
         for micro_step in range(acc):
@@ -110,16 +114,30 @@ def train_step(
             with monitor.phase("model"), cluster.gradient_sync(model, micro_step == acc - 1):
                 with cluster.autocast():
                     loss = loss_fn(batch)
-                (loss / acc).backward()
+                scaler.scale(loss / acc).backward()
                 loss_sum += loss.detach()
     with monitor.phase("optim"):
-        grad_norm = clip_grad_norm(model, cfg.clip)
-        lr = scheduler.get_last_lr()[0]
-        if math.isfinite(grad_norm):  # the global norm: every rank skips the same steps
-            optimizer.step()
-        scheduler.step()
+        scaler.unscale_(optimizer)  # clipping, and the norm logged, see the true gradients
+        grad_norm, max_norm = clip_gradients(model, cfg, monitor.clip_state)
+        # set for this update only: scheduler.step() below sets the schedule's own LR again
+        lrs = [lr * monitor.spikes.lr_scale for lr in scheduler.get_last_lr()]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        applied = math.isfinite(grad_norm)  # the global norm: every rank skips the same steps
+        if applied:
+            scaler.step(optimizer)  # optimizer.step() (its own inf check agrees: the same gradients)
+        metrics = {"lr": lrs[0], "grad_norm": grad_norm}
+        if scaler.is_enabled():
+            metrics["loss_scale"] = scaler.get_scale()
+            scaler.update()  # an overflowed (skipped) step halves the scale, enough clean steps double it
+        if cfg.clip_mode == "adaptive":
+            metrics["clip"] = max_norm
+        with warnings.catch_warnings():
+            if not applied:  # a skipped first step (fp16's overflows) is meant, not a misordered loop
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss_sum.item() / acc, {"lr": lr, "grad_norm": grad_norm}
+    return loss_sum.item() / acc, metrics
 
 
 def checkpoint_to_evaluate(cfg: Any) -> Path:

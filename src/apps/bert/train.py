@@ -183,7 +183,7 @@ def train(cfg: TrainConfig) -> None:
                     monitor.log_eval(step, task.evaluate(model, "valid", cluster))
                     for line in task.dump(model, cluster.device):
                         logger.info(f"prediction at step {step}: {line}")
-            monitor.end_step(step, loss, step_tokens, **metrics, **task.train_metrics())
+            step = monitor.end_step(step, loss, step_tokens, **metrics, **task.train_metrics())
             step_tokens = 0
 
 

@@ -138,7 +138,7 @@ def train(cfg: TrainConfig) -> None:
                     monitor.log_eval(step, evaluate(model, tokenizer, cfg, cluster))
                 if cfg.generation.due(step, cfg.optim.steps):
                     log_samples(model, tokenizer, cfg, step)
-            monitor.end_step(step, loss, tokens_per_step, **metrics)
+            step = monitor.end_step(step, loss, tokens_per_step, **metrics)
 
 
 main = entrypoint(TrainConfig, train)

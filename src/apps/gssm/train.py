@@ -92,7 +92,7 @@ def train(cfg: TrainConfig) -> None:
                 with monitor.phase("eval"):
                     monitor.log_eval(step, evaluate(model, gssm, cfg, cluster))
             eval_checkpoint = eval_due and cfg.evaluation.asynchronous
-            monitor.end_step(step, loss, tokens_per_step, eval_checkpoint, **metrics)
+            step = monitor.end_step(step, loss, tokens_per_step, eval_checkpoint, **metrics)
 
 
 main = entrypoint(TrainConfig, train)

@@ -17,7 +17,9 @@ on load is moved aside to `.corrupt-{step}` (never deleted) and the previous one
 A checkpoint is *confirmed* once a step from its weights had finite gradients. When a run stops on
 non-finite gradients or loss, the unconfirmed checkpoints (their weights gave nan) are moved aside to
 `.nonfinite-{step}`, so the next start resumes from the newest confirmed one. `keep_only` never removes
-an eval-flagged checkpoint, the newest confirmed one, or an unconfirmed one.
+an eval-flagged checkpoint, the newest confirmed one, or an unconfirmed one. With loss-spike detection
+(spikes.py) a step must also be no spike to confirm: the newest confirmed checkpoint is the rollback
+target, and a rollback moves the ones after it to `.spike-{step}`.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".del-"
 CORRUPT_PREFIX = ".corrupt-"
 NONFINITE_PREFIX = ".nonfinite-"
+SPIKE_PREFIX = ".spike-"
 CONFIRMED = "confirmed"
 
 
@@ -403,15 +406,18 @@ class Checkpointer:
             if self.rank == 0:
                 self._keep_only()
 
-    def set_aside_unconfirmed(self) -> Path | None:
-        """The run stops on nan: move the checkpoints whose weights gave it to `.nonfinite-{step}` (never
-        deleted); returns the newest checkpoint left, the one a restart resumes."""
+    def set_aside_unconfirmed(
+        self, prefix: str = NONFINITE_PREFIX, why: str = "non-finite gradients"
+    ) -> Path | None:
+        """The run stops on nan (or rolls back from a loss spike): move the checkpoints whose weights gave
+        it to `{prefix}{step}` (never deleted); returns the newest checkpoint left, the one a restart
+        resumes. A rollback then saves the same steps afresh."""
         self._barrier()
         if self.rank == 0:
             for path in self.unconfirmed:
                 if path.is_dir():
-                    aside = move_aside(path, NONFINITE_PREFIX)
-                    logger.warning(f"{path}: its weights gave non-finite gradients, moved aside to {aside}")
+                    aside = move_aside(path, prefix)
+                    logger.warning(f"{path}: its weights gave {why}, moved aside to {aside}")
         self.unconfirmed = []
         self._barrier()
         return latest_checkpoint(self.root)

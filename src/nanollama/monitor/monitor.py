@@ -1,10 +1,11 @@
 """`Monitor`: the plumbing around a training loop, as one context manager.
 
 It owns the log dir (config.yaml, logs/, metrics/, checkpoints/, wandb/) and holds its lock, and after
-every optimizer step `end_step` logs metrics, writes the profiler row, checks the loss is finite,
-counts skipped steps, honours preemption signals and saves checkpoints. `resume` restores everything a
-run needs to continue exactly as if it had never stopped, after checking that the config still fits
-the checkpoints; `config.yaml` is rewritten only once the resume has succeeded.
+every optimizer step `end_step` logs metrics, writes the profiler row, checks the loss is finite (or,
+with `spikes` on, watches it for spikes and rolls back), counts skipped steps, honours preemption signals
+and saves checkpoints. `resume` restores everything a run needs to continue exactly as if it had never
+stopped, after checking that the config still fits the checkpoints; `config.yaml` is rewritten only
+once the resume has succeeded. A rollback restores the same, but keeps the events and the spike count.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from torch import nn
 from ..config import ConfigError, RunError, to_dict, to_yaml
 from ..distributed import Cluster
 from ..jobs import EvalJobConfig, submit_eval_job
+from ..optim import ClipState
+from ..runs import start_line
 from .checkpoint import (
+    NONFINITE_PREFIX,
+    SPIKE_PREFIX,
     CheckpointConfig,
     Checkpointer,
     checkpoint_name,
@@ -40,6 +45,8 @@ from .preemption import PreemptionHandler
 from .probe import ActivationProbe, ProbeConfig
 from .profiler import HeavyProfiler, LightProfiler, ProfilerConfig
 from .run_config import RESUME_FIXED, RESUME_MAY_CHANGE, check_against_run
+from .spikes import LossSpikeError, SpikeConfig, SpikeGuard
+from .tensorboard import TensorboardConfig, TensorboardLogger
 from .wandb import WandbConfig, WandbLogger
 
 logger = logging.getLogger(__name__)
@@ -54,9 +61,11 @@ class OrchestrationConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     eval_job: EvalJobConfig = field(default_factory=EvalJobConfig)
+    spikes: SpikeConfig = field(default_factory=SpikeConfig)
 
     def check(self) -> None:
         if not self.name:
@@ -82,6 +91,9 @@ class Monitor:
         self.rank = cluster.rank
         self.step = 0
         self.skipped = 0  # consecutive steps whose update was skipped (non-finite gradients)
+        self.spikes = SpikeGuard(cfg.spikes)  # train_step multiplies the LR by `spikes.lr_scale`
+        self.clip_state = ClipState()  # adaptive clipping's running grad norm (train_step)
+        self._rolled_back_to: int | None = None
         self.stop = False
         self.objects: dict[str, Any] = {}
         self._stack = ExitStack()
@@ -113,6 +125,7 @@ class Monitor:
         )
         logger.info(f"{self.cluster.describe()}, {process_info()}")
         logger.info(f"log dir: {self.log_dir.resolve()}")
+        logger.info(start_line(self.run_config))  # the app and start time, for `python -m src.nanollama.runs`
         self.raw = enter(JsonlWriter(metrics / f"raw_{self.rank}.jsonl"))
         self.evals = enter(JsonlWriter(metrics / f"eval_{self.rank}.jsonl"))
         self.events = enter(JsonlWriter(metrics / f"events_{self.rank}.jsonl"))
@@ -127,6 +140,7 @@ class Monitor:
                 self.cfg.wandb, self.log_dir, self.cfg.name, to_dict(self.run_config), self.cluster.is_main
             )
         )
+        self.tensorboard = enter(TensorboardLogger(self.cfg.tensorboard, self.log_dir, self.cluster.is_main))
         probe_jsonl = metrics / f"probe_{self.rank}.jsonl"
         self.probe = enter(ActivationProbe(self.cfg.probe, probe_jsonl, self.wandb.log))
         self.preemption = enter(PreemptionHandler())
@@ -163,19 +177,13 @@ class Monitor:
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any) -> int:
         """Register what a checkpoint holds and restore the latest one if any; returns the step."""
         self.objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader}
-        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        self._hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         found = self.checkpointer.load_latest(model, optimizer)
         if found is not None:
             path, state = found
-            _restore_schedule(optimizer, scheduler, state["scheduler"], hyper)
-            loader.load_state_dict(state["data"])
-            self.profiler.load_state_dict(state["profiler"])
-            self.raw.load_state_dict(state["raw_metrics"])
-            self.evals.load_state_dict(state["eval_metrics"])
-            self.probe.load_state_dict(state.get("probe_metrics", {"offset": 0}))
+            self._restore(state)
             self.events.load_state_dict(state.get("event_metrics", {"offset": 0}))
-            set_rng_state(state["rng"])
-            self.step, self.skipped = state["step"], state.get("skipped", 0)
+            self.spikes.load_state_dict(state.get("spikes", {}))
             for change in self.config_changes:
                 logger.info(f"config changed on resume: {change}")
                 self.events.write({"step": self.step, "event": "config_change", "change": change})
@@ -188,6 +196,21 @@ class Monitor:
         self.heavy.start(self.step)
         return self.step
 
+    def _restore(self, state: dict) -> None:
+        """Everything but model, optimizer, events and spike bookkeeping, for a resume and a rollback."""
+        o = self.objects
+        _restore_schedule(o["optimizer"], o["scheduler"], state["scheduler"], self._hyper)
+        o["loader"].load_state_dict(state["data"])
+        self.profiler.load_state_dict(state["profiler"])
+        self.raw.load_state_dict(state["raw_metrics"])
+        self.evals.load_state_dict(state["eval_metrics"])
+        self.probe.load_state_dict(state.get("probe_metrics", {"offset": 0}))
+        self.clip_state = ClipState(**state.get("grad_clip", {}))
+        if state.get("grad_scaler"):  # a float16 run's (a disabled scaler ignores it)
+            self.cluster.grad_scaler.load_state_dict(state["grad_scaler"])
+        set_rng_state(state["rng"])
+        self.step, self.skipped = state["step"], state.get("skipped", 0)
+
     def rank_state(self) -> dict:
         return {
             "step": self.step,
@@ -199,6 +222,9 @@ class Monitor:
             "probe_metrics": self.probe.state_dict(),
             "event_metrics": self.events.state_dict(),
             "skipped": self.skipped,
+            "spikes": self.spikes.state_dict(),
+            "grad_clip": vars(self.clip_state).copy(),
+            "grad_scaler": self.cluster.grad_scaler.state_dict(),
             "rng": rng_state(),
         }
 
@@ -238,26 +264,43 @@ class Monitor:
         record = {"step": step, **metrics}
         self.evals.write(record)
         self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        self.tensorboard.log({f"eval/{k}": v for k, v in metrics.items()}, step, self._start_step)
         logger.info("eval " + _fields(record))
 
     def end_step(
         self, step: int, loss: float, tokens: int, eval_checkpoint: bool = False, **metrics: float
-    ) -> None:
-        """Call after each optimizer step with the rank's loss and the global tokens of the step.
+    ) -> int:
+        """Call after each optimizer step with the rank's loss and the global tokens of the step; returns
+        the step the loop goes on from: `step`, or after a rollback the checkpoint's.
 
         `eval_checkpoint` saves an eval-flagged checkpoint, for an evaluation outside this job.
         """
+        if self._rolled_back_to is not None and step != self._rolled_back_to + 1:
+            raise RuntimeError("after a rollback the loop must go on from the step end_step returned")
+        self._rolled_back_to = None
         self.step = step
         self._tokens += tokens
         with self.phase("monitor"):
-            # one tiny collective a step, so every rank stops at the same step, whoever saw what
-            flags = [float(self.preemption.requested), float(not math.isfinite(loss))]
-            preempted, non_finite = (flag > 0 for flag in self.cluster.all_reduce(flags, op="max"))
-            if non_finite:
+            # one tiny collective a step, so every rank stops (or rolls back) at the same step, whoever saw
+            # what; flags are summed with the loss, so a flag set anywhere is > 0 everywhere
+            flags = [float(self.preemption.requested), float(not math.isfinite(loss)), loss]
+            preempted, non_finite, loss_sum = self.cluster.all_reduce(flags)
+            preempted, non_finite = preempted > 0, non_finite > 0
+            mean_loss = math.nan if non_finite else loss_sum / self.cluster.world_size
+            spike = self.spikes.is_spike(mean_loss)
+            if spike:
+                if self._on_spike(step, mean_loss):
+                    self.stop = self.stop or preempted  # the checkpoint rolled back to is the one to resume
+                    return self.step
+            elif non_finite:
                 raise NonFiniteLossError(
                     f"loss is not finite at step {step} (rank {self.rank}: {loss}); " + self._set_aside_bad()
                 )
-            self._count_skipped(step, metrics.get("grad_norm", 0.0))
+            else:
+                self.spikes.observe(mean_loss)
+            # a rollback target must be a checkpoint whose next step was no spike
+            sound = not spike or self.cfg.spikes.action == "continue"
+            self._count_skipped(step, metrics.get("grad_norm", 0.0), sound)
             if step % self.cfg.logging.period == 0 or step == self.total_steps:
                 self._log_metrics(step, loss, metrics)
         self.profiler.end_step(step, tokens)
@@ -271,17 +314,71 @@ class Monitor:
         if preempted:
             logger.warning(f"preempted: checkpoint saved at step {step}, exiting")
             self.stop = True
+        return step
 
-    def _set_aside_bad(self) -> str:
-        """Move aside the checkpoints whose weights gave nan; says where a restart resumes."""
-        return f"last good checkpoint: {self.checkpointer.set_aside_unconfirmed() or 'none'}"
+    def _on_spike(self, step: int, loss: float) -> bool:
+        """A loss spike (every rank agrees: `loss` is the mean over ranks): logged, then a rollback to the
+        last good checkpoint or none, and an LR cut. Returns whether it rolled back."""
+        cfg, guard = self.cfg.spikes, self.spikes
+        value = loss if math.isfinite(loss) else str(loss)
+        self.events.write({"step": step, "event": "loss_spike", "loss": value, "ema": guard.ema})
+        logger.warning(f"step {step}: loss spike, loss {loss:.4g} > {cfg.factor} x EMA {guard.ema:.4g}")
+        if cfg.action == "rollback":
+            if guard.rollbacks >= cfg.max_rollbacks:
+                raise LossSpikeError(
+                    f"loss spike at step {step} (loss {loss:.4g}, EMA {guard.ema:.4g}) after "
+                    f"{guard.rollbacks} rollbacks (orchestration.spikes.max_rollbacks={cfg.max_rollbacks}); "
+                    + self._set_aside_bad(SPIKE_PREFIX, "a loss spike")
+                )
+            if self._rollback(step):
+                self._cut_lr(step)
+                return True
+        first = not guard.spiking  # continue (or nothing to roll back to): a streak cuts once
+        guard.observe(loss, spike=True)
+        if first:
+            self._cut_lr(step)
+        return False
 
-    def _count_skipped(self, step: int, grad_norm: float) -> None:
+    def _cut_lr(self, step: int) -> None:
+        cfg, guard = self.cfg.spikes, self.spikes
+        old = guard.lr_scale
+        guard.cut_lr()
+        if guard.lr_scale != old:
+            lasting = f"for {cfg.lr_factor_steps} steps" if cfg.lr_factor_steps else "for good"
+            self.events.write({"step": step, "event": "lr_cut", "lr_scale": guard.lr_scale, "from": old})
+            logger.warning(f"step {step}: LR scale {old:.4g} -> {guard.lr_scale:.4g} {lasting}")
+
+    def _rollback(self, step: int) -> bool:
+        """Back to the newest confirmed checkpoint (its next step was finite and no spike) with everything
+        `resume` restores; the checkpoints after it are moved aside, to be saved afresh. False: none."""
+        target = self.checkpointer.confirmed
+        if target is None or not target.is_dir():
+            logger.warning(f"step {step}: no good checkpoint to roll back to, training on")
+            return False
+        o = self.objects
+        self.checkpointer.set_aside_unconfirmed(SPIKE_PREFIX, "a loss spike")
+        state = self.checkpointer.load(target, o["model"], o["optimizer"])
+        self._restore(state)
+        self.spikes.load_statistic(state.get("spikes", {}))
+        self.spikes.rollbacks += 1
+        n, most = self.spikes.rollbacks, self.cfg.spikes.max_rollbacks
+        self.events.write({"step": step, "event": "rollback", "to_step": self.step, "rollbacks": n})
+        logger.warning(f"step {step}: rolled back to step {self.step} ({target}), rollback {n} of {most}")
+        self._rolled_back_to = self.step
+        return True
+
+    def _set_aside_bad(self, prefix: str = NONFINITE_PREFIX, why: str = "non-finite gradients") -> str:
+        """Move aside the checkpoints whose weights gave nan (or a spike); says where a restart resumes."""
+        return f"last good checkpoint: {self.checkpointer.set_aside_unconfirmed(prefix, why) or 'none'}"
+
+    def _count_skipped(self, step: int, grad_norm: float, sound: bool = True) -> None:
         """`train_step` skips the update of a step whose gradients are not finite (the norm is global, so
-        every rank sees the same); too many in a row stop the run."""
+        every rank sees the same); too many in a row stop the run. Finite gradients confirm the checkpoints
+        before, unless the step was a loss spike (not `sound`)."""
         if math.isfinite(grad_norm):
             self.skipped = 0
-            self.checkpointer.confirm()
+            if sound:
+                self.checkpointer.confirm()
             return
         self.skipped += 1
         self.events.write({"step": step, "event": "skipped_step", "grad_norm": str(grad_norm)})
@@ -304,6 +401,8 @@ class Monitor:
         record["eta_s"] = elapsed / max(done, 1) * (self.total_steps - step)
         self.raw.write(record)
         self.wandb.log(record, step=step)
+        train = {f"train/{k}": v for k, v in record.items() if k != "step"}
+        self.tensorboard.log(train, step, self._start_step)
         logger.info(_fields(record))
 
 

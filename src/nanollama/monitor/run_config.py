@@ -22,6 +22,7 @@ RESUME_MAY_CHANGE = (
     "generation",
     "cluster",
     "model.attention",
+    "model.activation_checkpointing",  # recomputes the same values: the checkpoints mean the same
     "data.num_workers",
     "data.epochs",
     "tokenizer.cache_dir",
