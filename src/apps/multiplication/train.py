@@ -1,0 +1,150 @@
+"""Train a transformer on K x M multiplication: plain, with a chain of thought, latent positions, or
+stepwise internalisation of the chain (see modes.py for the table of modes).
+
+    python -m src.apps.multiplication.train config=src/apps/multiplication/configs/debug.yaml [key=value ...]
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m src.apps.multiplication.train config=...
+
+Problems are generated on the fly (or read from Internalize-CoT files, `data.train_file`). Evaluation
+lines report the exact-match `accuracy` of greedily generated answers, `digit_accuracy` and its value per
+answer digit, the answer loss and the generation speed. A change of curriculum stage resets the optimizer
+(`train.curriculum.reset_optimizer`), logged as an event; the stage lives in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+
+from ...nanollama.config import ConfigError, entrypoint, section
+from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
+from ...nanollama.model.transformer import TransformerConfig
+from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
+from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
+from ...nanollama.trainer import build_transformer, seed_everything, train_step
+from .data import DataConfig, MultiplicationTokenizer, ProblemStream, check_files, load_split
+from .evaluation import EvaluationConfig, evaluate
+from .model import MultiplicationModel
+from .modes import Schedule, TrainingConfig, multiplication_loss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def check(self) -> None:
+        if not self.model.causal:
+            raise ConfigError("model.causal", "the answer is generated: must be true")
+        n = self.model.n_layers
+        if self.train.aux.weight > 0 and not -n <= self.train.aux.layer < n:
+            raise ConfigError("train.aux.layer", f"no block {self.train.aux.layer} in {n} layers")
+
+    def check_inputs(self) -> None:
+        """The data files (every line, before the log dir exists), and batches that divide across ranks."""
+        world = detect_environment().world_size
+        with section("data"):
+            check_files(self.data)
+        micro_batch_size(self.data.batch_size, world, self.optim.accumulation_steps)
+        if self.data.train_file and len(load_split(self.data, "train", 10**9, 0)) < self.data.batch_size:
+            raise ConfigError("data.train_file", f"fewer problems than one batch of {self.data.batch_size}")
+        load_tokenizer(self)
+
+
+def load_tokenizer(cfg: TrainConfig) -> MultiplicationTokenizer:
+    """The app's tokenizer, and the vocabulary size it fixes (0 in `model`: take the tokenizer's)."""
+    tok = MultiplicationTokenizer(Schedule(cfg.train, cfg.data).max_latents)
+    if cfg.model.vocab_size not in (0, tok.vocab_size):
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} != tokenizer's {tok.vocab_size}")
+    cfg.model.vocab_size = tok.vocab_size
+    return tok
+
+
+def build_model(cfg: TrainConfig, training: bool, device: torch.device) -> MultiplicationModel:
+    transformer = build_transformer(cfg.model, cfg.orchestration.seed, training, device)
+    t = cfg.train
+    continuous = t.mode == "latent" and t.latent.kind == "continuous"
+    aux_layer = t.aux.layer if t.aux.weight > 0 else None
+    return MultiplicationModel(transformer, continuous, aux_layer).to(device)
+
+
+def reset_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Forget moments and step counts (Adam starts afresh); the LR schedule is not touched."""
+    optimizer.state.clear()
+
+
+def train(cfg: TrainConfig) -> None:
+    with ExitStack() as stack:
+        cluster = stack.enter_context(Cluster(cfg.cluster))
+        micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
+        tok = load_tokenizer(cfg)
+        schedule = Schedule(cfg.train, cfg.data)
+        seed, rank = cfg.orchestration.seed, cluster.rank
+        stream = ProblemStream(cfg.data, tok, micro, seed, rank, cluster.world_size)
+
+        monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
+        stream = stack.enter_context(stream)
+        model = cluster.wrap(build_model(cfg, training=True, device=cluster.device))
+        optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
+        scheduler = build_scheduler(optimizer, cfg.optim)
+        seed_everything(seed, rank)
+        step = monitor.resume(model, optimizer, scheduler, stream)
+        if step == 0:
+            stream.state.stage = schedule.stage(0)
+        logger.info(
+            f"{cfg.train.mode} on {cfg.data.k}x{cfg.data.m}: training from step {step} to {cfg.optim.steps}, "
+            f"{micro} rows/rank/micro-step, stage {stream.state.stage} of {schedule.last_stage}"
+        )
+        extra: dict[str, float] = {}
+        step_tokens = 0
+
+        def next_batch() -> list[torch.Tensor]:
+            nonlocal step_tokens
+            batch = next(stream)
+            step_tokens += batch[0].numel() * cluster.world_size
+            return [t.to(cluster.device, non_blocking=True) for t in batch]
+
+        while step < cfg.optim.steps and not monitor.stop:
+            stage = schedule.stage(step)
+            if stage != stream.state.stage:  # once: the stage served last is in the loader's state
+                stream.state.stage = stage
+                event = {"step": step, "event": "stage", "stage": stage}
+                if cfg.train.curriculum.reset_optimizer:
+                    reset_optimizer(optimizer)
+                    stream.state.resets += 1
+                    event["event"] = "stage_optimizer_reset"
+                monitor.events.write(event)
+                logger.info(
+                    f"step {step}: stage {stage}" + (", optimizer reset" if "reset" in event["event"] else "")
+                )
+            stream.layout = lambda rng, stage=stage: schedule.layout(stage, rng)
+            share = cfg.train.teacher_forcing.share(step)
+
+            def loss_fn(batch: list[torch.Tensor], share: float = share) -> torch.Tensor:
+                return multiplication_loss(model, batch, cfg.train, share, extra)
+
+            loss, metrics = train_step(
+                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, next_batch, loss_fn
+            )
+            step += 1
+            with monitor.phase("eval"):
+                if cfg.evaluation.due(step, cfg.optim.steps):
+                    monitor.log_eval(step, evaluate(model, tok, cfg, cluster, schedule.stage(step - 1)))
+            step = monitor.end_step(step, loss, step_tokens, **metrics, **extra, stage=stage, tf_share=share)
+            step_tokens = 0
+
+
+main = entrypoint(TrainConfig, train)
+
+
+if __name__ == "__main__":
+    main()
