@@ -1,6 +1,6 @@
 """Hugging Face interop: our Transformer <-> a `LlamaForCausalLM` folder (config.json + model.safetensors).
 
-    python -m src.nanollama.hf export ckpt=<checkpoint dir> out=<folder>
+    python -m src.nanollama.hf export ckpt=<checkpoint dir> out=<folder> [ema=true]
     python -m src.nanollama.hf import hf=<folder> out=<checkpoint dir>
 
 Our parameters have HF Llama's shapes and RoPE convention, so conversion is a pure renaming of
@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 from torch import Tensor
 
 from .config import ConfigError, build_config, cli_main, to_dict
-from .model.io import WEIGHTS, check_weights, load_model_config, load_weights, save_model
+from .model.io import EMA_WEIGHTS, WEIGHTS, check_weights, load_model_config, load_weights, save_model
 from .model.rope import RopeScaling, ntk_theta, rope_frequencies
 from .model.transformer import TransformerConfig
 
@@ -302,13 +302,17 @@ def read_hf_weights(folder: Path) -> dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------- commands
 
 
-def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write a checkpoint folder of the core Transformer as an HF LlamaForCausalLM folder."""
+def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, ema: bool = False) -> Path:
+    """Write a checkpoint folder of the core Transformer as an HF LlamaForCausalLM folder; `ema`: its EMA
+    weights (`ema.pt`, from a run with `optim.ema_decay` > 0) instead of the trained ones."""
+    name = EMA_WEIGHTS if ema else WEIGHTS
     with atomic_folder(out) as tmp:
         cfg = load_model_config(ckpt, key="ckpt")
         to_hf_config(cfg)  # refuse a bidirectional model before reading its weights
-        state = load_weights(ckpt, key="ckpt")
-        check_weights(cfg, state, str(Path(ckpt) / WEIGHTS))
+        if ema and not (Path(ckpt) / EMA_WEIGHTS).is_file():
+            raise ConfigError("ema", f"no {EMA_WEIGHTS} in {ckpt} (its run had optim.ema_decay=0)")
+        state = load_weights(ckpt, key="ckpt", name=name)
+        check_weights(cfg, state, str(Path(ckpt) / name))
         dtype = str(state["tok_embeddings.weight"].dtype).removeprefix("torch.")
         (tmp / HF_CONFIG).write_text(json.dumps(to_hf_config(cfg, dtype), indent=2) + "\n")
         tensors = to_hf_state_dict(state, cfg.tie_embeddings)
@@ -333,6 +337,7 @@ def import_hf(hf: str | os.PathLike, out: str | os.PathLike) -> Path:
 class ExportArgs:
     ckpt: str = ""  # a checkpoint folder: model.pt, with model.yaml or ../../config.yaml
     out: str = ""  # the HF folder to create
+    ema: bool = False  # export the EMA of the weights (ema.pt) instead of model.pt
 
     def check(self) -> None:
         _require(self)
@@ -349,7 +354,7 @@ class ImportArgs:
 
 def _require(args: Any) -> None:
     for f in dataclasses.fields(args):
-        if not getattr(args, f.name):
+        if f.type in ("str", str) and not getattr(args, f.name):
             raise ConfigError(f.name, "required")
 
 

@@ -1,4 +1,5 @@
-"""AdamW with weight-decay param groups, warmup + LR schedules, and gradient clipping (fixed or adaptive).
+"""AdamW (or Orthograd) with weight-decay param groups, warmup + LR schedules, gradient clipping (fixed or
+adaptive), and an EMA of the weights.
 
 Schedules are pure functions of the optimizer step (`lr_factor`), so they are easy to test, plot and
 resume: a `LambdaLR` only needs its `last_epoch` back to continue exactly where it stopped.
@@ -6,20 +7,25 @@ resume: a `LambdaLR` only needs its `last_epoch` back to continue exactly where 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from .config import ConfigError
 
 SCHEDULERS = ("constant", "linear", "cosine", "wsd", "inv_sqrt")
 CLIP_MODES = ("fixed", "adaptive")
+OPTIMIZERS = ("adamw", "orthograd")
 
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | orthograd (AdamW on gradients made orthogonal to their weights)
     steps: int = 1000  # total optimizer steps
     lr: float = 1e-3  # peak LR
     weight_decay: float = 0.1
@@ -37,6 +43,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # floor as a fraction of lr (for linear, cosine, wsd, inv_sqrt)
     rewarm_steps: int = 0  # > 0: the first steps go linearly from `rewarm_from` to the schedule's LR
     rewarm_from: float = 0.0  # LR at step 0 of a re-warm, e.g. the LR a continued checkpoint stopped at
+    ema_decay: float = 0.0  # > 0: keep an EMA of the weights (DALL-E: 0.999), checkpointed; 0: off
 
     @property
     def warmup_steps(self) -> int:
@@ -47,6 +54,10 @@ class OptimConfig:
         return _to_steps(self.decay, self.steps)
 
     def check(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError("name", f"'{self.name}' is not one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must be in [0, 1) (0: off), got {self.ema_decay}")
         if self.steps < 1:
             raise ConfigError("steps", f"must be >= 1, got {self.steps}")
         if not self.lr > 0:
@@ -113,8 +124,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused kernel only on CUDA, where it exists and pays off."""
-    return torch.optim.AdamW(
+    """AdamW (`optim.name=orthograd`: OrthoAdamW) over `param_groups`; the fused kernel only on CUDA,
+    where it exists and pays off."""
+    cls = OrthoAdamW if cfg.name == "orthograd" else torch.optim.AdamW
+    return cls(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
@@ -217,3 +230,121 @@ def clip_gradients(model: nn.Module, cfg: OptimConfig, state: ClipState) -> tupl
         state.ema = d * state.ema + (1 - d) * clipped if state.seen else clipped
         state.seen += 1
     return norm, max_norm
+
+
+# ------------------------------------------------------------------------------------------ Orthograd
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # this rank's shard of a DTensor
+
+
+def _reduce_over_shards(sums: Tensor, params: list[Tensor]) -> Tensor:
+    """Per-parameter sums of local shards -> sums over the whole parameter (FSDP2: one all-reduce)."""
+    mesh = getattr(params[0], "device_mesh", None)
+    if mesh is not None and dist.is_initialized():
+        dist.all_reduce(sums, group=mesh.get_group())
+    return sums
+
+
+@torch.no_grad()
+def orthogonalize_gradients(params: Iterable[Tensor], eps: float = 1e-30) -> None:
+    """In place, each gradient g of a weight w becomes g - (w.g / w.w) w, rescaled to the norm of g.
+
+    Orthograd (Prieto et al. 2025, "Grokking at the edge of numerical stability"): the component along w
+    only grows or shrinks the weights (the naive loss minimisation that ends in softmax collapse), so it
+    is removed; the rescaling keeps the step size the optimizer would have taken. Under FSDP2 the dot
+    products are summed over the shards, so every rank uses the whole parameter's.
+    """
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    w = [_local(p).flatten().float() for p in params]
+    g = [_local(p.grad).flatten().float() for p in params]
+    dots = torch.stack([torch.stack([wi @ gi, wi @ wi, gi @ gi]) for wi, gi in zip(w, g)])
+    dots = _reduce_over_shards(dots, params)
+    proj = dots[:, 0] / (dots[:, 1] + eps)
+    orth = [gi - a * wi for gi, a, wi in zip(g, proj, w)]
+    orth_sq = _reduce_over_shards(torch.stack([o @ o for o in orth]), params)
+    scale = dots[:, 2].sqrt() / (orth_sq.sqrt() + eps)
+    for p, o, c in zip(params, orth, scale):
+        grad = _local(p.grad)
+        grad.copy_((o * c).view_as(grad))
+
+
+class OrthoAdamW(torch.optim.AdamW):
+    """AdamW whose step first makes every gradient orthogonal to its weight (`orthogonalize_gradients`).
+
+    A subclass, not a wrapper: its state dict is AdamW's, so checkpoints, DCP and a resume that switches
+    `optim.name` work unchanged. Clipping before it is unaffected (the per-tensor norms are kept)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 (torch's signature)
+        orthogonalize_gradients(p for group in self.param_groups for p in group["params"])
+        return super().step(closure)
+
+
+# ------------------------------------------------------------------------------------------------ EMA
+
+
+class EMA:
+    """Exponential moving average of the weights: after every applied step, ema <- d ema + (1 - d) w.
+
+    It starts from the weights it is built from (step 0), so after n steps
+    ema_n = d^n w_0 + (1 - d) sum_k d^(n-k) w_k. The average is a copy of every parameter with the same
+    placement (a DTensor shard under FSDP2, on the parameter's device), saved and loaded through DCP with
+    the model (`state_dict` hands DCP the tensors themselves, so a load fills them in place), and
+    consolidated to `ema.pt` for evaluation and export. Names are the unwrapped model's (DDP's `module.`
+    stripped), as in `model.pt`.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        base = getattr(model, "module", model)  # DDP wraps; FSDP2 and compile(in place) keep the names
+        self.decay = decay
+        self.params: dict[str, Tensor] = dict(base.named_parameters())
+        first = {id(p): name for name, p in self.params.items()}
+        # every state-dict name of each parameter, tied ones included (output.weight = tok_embeddings.weight)
+        self.aliases = {n: first[id(p)] for n, p in base.named_parameters(remove_duplicate=False)}
+        self.shadow = {name: p.detach().clone() for name, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        weight = 1 - self.decay
+        shadows, params = list(self.shadow.values()), [p.detach() for p in self.params.values()]
+        if any(hasattr(p, "device_mesh") for p in params):
+            for s, p in zip(shadows, params):
+                s.lerp_(p, weight)
+        else:
+            torch._foreach_lerp_(shadows, params, weight)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Restart the average at the current weights (a resume from a checkpoint saved without one)."""
+        for name, p in self.params.items():
+            self.shadow[name].copy_(p.detach())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.shadow
+
+    @torch.no_grad()
+    def full_state_dict(self, model_state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`model_state` (the consolidated model.pt) with every parameter replaced by its average, on CPU.
+        Under FSDP2 every rank must call it (the shards are gathered)."""
+        full = {}
+        for name, s in self.shadow.items():
+            full[name] = (s.full_tensor() if hasattr(s, "full_tensor") else s).detach().cpu()
+        return {k: full[self.aliases[k]] if k in self.aliases else v for k, v in model_state.items()}
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The model holds the averaged weights inside the block (to evaluate them), its own after."""
+        with torch.no_grad():
+            backup = {name: p.detach().clone() for name, p in self.params.items()}
+            for name, p in self.params.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(backup[name])

@@ -11,6 +11,8 @@ import math
 import os
 import random
 import warnings
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -100,8 +102,9 @@ def train_step(
     only on the last micro-step. A step whose gradient norm is not finite is not applied (the scheduler
     still moves on; the Monitor counts such steps). The LR is the scheduler's times the Monitor's
     loss-spike scale; under float16 the loss is scaled (`cluster.grad_scaler`) and the gradients unscaled
-    before they are clipped. Returns the rank's mean loss and the step's lr and grad norm (+ the adaptive
-    clipping threshold, the float16 loss scale).
+    before they are clipped. The weights' EMA (`monitor.ema`) follows every applied step. Returns the
+    rank's mean loss and the step's lr and grad norm (+ the adaptive clipping threshold, the float16 loss
+    scale).
     """
     model.train()
     acc = cfg.accumulation_steps
@@ -126,6 +129,8 @@ def train_step(
         applied = math.isfinite(grad_norm)  # the global norm: every rank skips the same steps
         if applied:
             scaler.step(optimizer)  # optimizer.step() (its own inf check agrees: the same gradients)
+            if monitor.ema is not None:
+                monitor.ema.update()
         metrics = {"lr": lrs[0], "grad_norm": grad_norm}
         if scaler.is_enabled():
             metrics["loss_scale"] = scaler.get_scale()
@@ -138,6 +143,33 @@ def train_step(
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return loss_sum.item() / acc, metrics
+
+
+@dataclass
+class Training:
+    """One app's training step, as its train.py's hook `build_training(cfg, cluster, loader=None,
+    init=True)` builds it: the app's own loop runs it, and so do the core's tools (the LR finder), which
+    know nothing else of the app. The hook builds the data stream when `loader` is None (train() builds it
+    earlier, before the log dir exists) and loads `init.checkpoint` when `init` (train() passes False when
+    the run resumes)."""
+
+    model: nn.Module  # unwrapped, with its starting weights; the caller wraps it (cluster.wrap)
+    loader: Any  # the data stream: a context manager with state_dict/load_state_dict, not yet entered
+    next_batch: Callable[[], Any]  # the next micro-batch on the device (from `loader`, once entered)
+    loss: Callable[[nn.Module, Any], torch.Tensor]  # mean loss of a micro-batch under the wrapped model
+
+
+def check_use_ema(cfg: Any) -> None:
+    """`evaluation.use_ema` needs an EMA to evaluate (a cross-section check, for an app's config)."""
+    if getattr(cfg.evaluation, "use_ema", False) and not cfg.optim.ema_decay:
+        raise ConfigError("evaluation.use_ema", "needs optim.ema_decay > 0 (no EMA of the weights is kept)")
+
+
+def eval_weights(monitor: Monitor, use_ema: bool) -> AbstractContextManager:
+    """Evaluate in the loop under this: with `use_ema` the model holds its EMA weights inside the block."""
+    if use_ema and monitor.ema is not None:
+        return monitor.ema.swapped()
+    return nullcontext()
 
 
 def checkpoint_to_evaluate(cfg: Any) -> Path:

@@ -6,9 +6,11 @@
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m src.apps.bert.train config=...
 
 `task.name` picks the task handler (`mlm`, `shuffled`, `cola`, `sst2`). A run restarted in its own log dir
-resumes fully. `init.checkpoint` starts a new run from another run's checkpoint: with the same task type
-it takes all the weights, with another it takes the encoder and starts a fresh head; either way the
-optimizer and schedule start anew (`optim.rewarm_steps` > 0 re-warms from the checkpoint's LR).
+resumes fully. `init.checkpoint` (the core's, `src/nanollama/init.py`) starts a new run from another
+run's checkpoint: with the same task type it takes all the weights, with another it takes the encoder
+(`init.prefix_map` {"encoder.": "encoder."}) and starts a fresh head; either way the optimizer and
+schedule start anew (`optim.rewarm_steps` > 0 re-warms from the checkpoint's LR). An explicit
+`init.prefix_map` replaces that choice. `build_training` is the app's hook for the core's tools.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,20 +28,22 @@ from ...nanollama.config import ConfigError, entrypoint, read_yaml, to_dict
 from ...nanollama.data.packing import TextDataConfig
 from ...nanollama.data.text import Tokenizer, TokenizerConfig
 from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
+from ...nanollama.init import InitConfig, check_init, load_init_weights, resumes
+from ...nanollama.init import find_init as find_checkpoint_to_start_from
 from ...nanollama.model.transformer import TransformerConfig
-from ...nanollama.monitor.checkpoint import find_checkpoint, latest_checkpoint
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
-from ...nanollama.trainer import build_text_tokenizer, build_transformer, seed_everything, train_step
+from ...nanollama.trainer import (
+    Training,
+    build_text_tokenizer,
+    build_transformer,
+    seed_everything,
+    train_step,
+)
 from .model import Bert
 from .tasks import EvaluationConfig, Task, TaskConfig, build_task
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class InitConfig:
-    checkpoint: str = ""  # a run folder (its latest checkpoint) or a checkpoint folder to start from
 
 
 @dataclass
@@ -84,6 +89,7 @@ class InitSource:
     path: Path  # the checkpoint folder
     task: str  # task type of the run that saved it
     lr: float  # LR of the step after it
+    cfg: InitConfig  # this run's init section (its prefix_map, if given, says what is taken)
 
 
 # Keys of the starting run's config that must match: the weights' shapes and meaning, and the tokenizer
@@ -97,16 +103,9 @@ MATCHING = {
 
 def find_init(cfg: TrainConfig) -> InitSource | None:
     """The checkpoint of `init.checkpoint`, checked against this run's config (ConfigError naming the key)."""
-    if not cfg.init.checkpoint:
+    path = find_checkpoint_to_start_from(cfg.init)
+    if path is None:
         return None
-    folder = Path(cfg.init.checkpoint)
-    try:
-        if (folder / "checkpoints").is_dir():
-            path = find_checkpoint("", folder)
-        else:
-            path = find_checkpoint(cfg.init.checkpoint, "")
-    except ConfigError as e:
-        raise ConfigError("init.checkpoint", e.message) from None
     run_config = read_yaml(path.parent.parent / "config.yaml")
     if "name" not in run_config.get("task", {}):
         raise ConfigError(
@@ -121,20 +120,47 @@ def find_init(cfg: TrainConfig) -> InitSource | None:
                     f"{section}.{key}", f"{ours[section][key]} differs from {theirs.get(key)} of {path}"
                 )
     state = torch.load(path / "state_0.pt", map_location="cpu", weights_only=False)
-    return InitSource(path, run_config["task"]["name"], float(state["scheduler"]["_last_lr"][0]))
+    return InitSource(path, run_config["task"]["name"], float(state["scheduler"]["_last_lr"][0]), cfg.init)
+
+
+def init_prefix_map(init: InitSource, task: str) -> dict[str, str]:
+    """What is taken: all the weights for the same task type, else the encoder; `init.prefix_map` if set."""
+    if init.cfg.prefix_map:
+        return init.cfg.prefix_map
+    return {} if init.task == task else {"encoder.": "encoder."}
 
 
 def load_init(model: Bert, init: InitSource, task: str) -> None:
     """The encoder's weights (and the head's, if the task type is the same) from the checkpoint."""
-    state = torch.load(init.path / "model.pt", map_location="cpu", weights_only=True)
-    parts = ("encoder", "head") if init.task == task else ("encoder",)
-    for part in parts:
-        prefix = f"{part}."
-        getattr(model, part).load_state_dict(
-            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    prefix_map = init_prefix_map(init, task)
+    load_init_weights(model, init.path, init.cfg, prefix_map)
+    if init.cfg.prefix_map:
+        logger.info(
+            f"initialised from {init.path} through prefix map {prefix_map} (task {init.task} -> {task})"
         )
+        return
+    parts = ("encoder", "head") if init.task == task else ("encoder",)
     fresh = "" if init.task == task else ", fresh head"
     logger.info(f"initialised {' and '.join(parts)} from {init.path} (task {init.task} -> {task}{fresh})")
+
+
+def build_training(
+    cfg: TrainConfig, cluster: Cluster, loader: Any = None, init: bool = True, task: Task | None = None
+) -> Training:
+    """The app's training step for its loop and the core's tools (see `Training`); `task`: the one the
+    loop built already."""
+    task = task or build_task(cfg, load_tokenizer(cfg))
+    if loader is None:
+        micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
+        loader = task.train_loader(micro, cluster.rank, cluster.world_size)
+    model = build_model(cfg, task, training=True, device=cluster.device)
+    if init and (source := find_init(cfg)):
+        load_init(model, source, task.name)
+
+    def next_batch() -> list[torch.Tensor]:
+        return [t.to(cluster.device, non_blocking=True) for t in next(loader)]
+
+    return Training(model, loader, next_batch, task.loss)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -150,14 +176,16 @@ def train(cfg: TrainConfig) -> None:
         init = find_init(cfg)
         if init and cfg.optim.rewarm_steps and not cfg.optim.rewarm_from:
             cfg.optim.rewarm_from = init.lr  # recorded in config.yaml, so a resume re-warms the same way
-        resuming = latest_checkpoint(Path(cfg.orchestration.log_dir) / "checkpoints") is not None
+        if init:  # names and shapes, before the log dir exists
+            build = partial(build_model, cfg, task, training=False, device=cluster.device)
+            check_init(cfg.init, build, init_prefix_map(init, task.name))
+        resuming = resumes(cfg.orchestration.log_dir)
 
         monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
+        # a run's own checkpoint wins over its starting point
+        training = build_training(cfg, cluster, loader, init=not resuming, task=task)
         loader = stack.enter_context(loader)
-        model = build_model(cfg, task, training=True, device=cluster.device)
-        if init and not resuming:  # a run's own checkpoint wins over its starting point
-            load_init(model, init, task.name)
-        model = cluster.wrap(model)
+        model = cluster.wrap(training.model)
         optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
         scheduler = build_scheduler(optimizer, cfg.optim)
         seed_everything(cfg.orchestration.seed, cluster.rank)

@@ -7,7 +7,8 @@ Rows pack several documents; attention is masked at document boundaries. Evaluat
 validation loss, perplexity and bits per byte; every `generation.period` steps sample completions of
 `generation.prompts` go to the text log. The run is `optim.steps` long, or with `data.epochs` > 0 exactly
 as long as those epochs of the data (`optim.steps` is then set from the stream). Every checkpoint logs
-and records (`data_{rank}.json`) how much of each source it has consumed.
+and records (`data_{rank}.json`) how much of each source it has consumed. `init.checkpoint` starts from
+another run's weights; `build_training` is the app's hook for the core's tools (the LR finder).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -24,10 +26,12 @@ from ...nanollama.config import ConfigError, entrypoint, section
 from ...nanollama.data.packing import TextDataConfig, TextStream
 from ...nanollama.data.text import Tokenizer, TokenizerConfig
 from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
+from ...nanollama.init import InitConfig, check_init, load_init, resumes
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
 from ...nanollama.trainer import (
+    Training,
     build_text_tokenizer,
     build_transformer,
     causal_lm_loss,
@@ -48,6 +52,7 @@ class TrainConfig:
     model: TransformerConfig = field(default_factory=TransformerConfig)
     data: TextDataConfig = field(default_factory=TextDataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
@@ -99,6 +104,26 @@ def log_samples(model: torch.nn.Module, tokenizer: Tokenizer, cfg: TrainConfig, 
         logger.info(f"sample at step {step}: {prompt!r} -> {text!r}")
 
 
+def train_stream(cfg: TrainConfig, tokenizer: Tokenizer, cluster: Cluster) -> TextStream:
+    micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
+    data = dataclasses.replace(cfg.data, batch_size=micro)
+    with section("data"):
+        return TextStream(data, tokenizer, "train", cluster.rank, cluster.world_size)
+
+
+def build_training(cfg: TrainConfig, cluster: Cluster, loader: Any = None, init: bool = True) -> Training:
+    """The app's training step for its loop and the core's tools (see `Training`)."""
+    loader = loader if loader is not None else train_stream(cfg, load_tokenizer(cfg), cluster)
+    model = build_model(cfg, training=True, device=cluster.device)
+    if init:
+        load_init(model, cfg.init)
+
+    def next_batch() -> list[torch.Tensor]:
+        return [t.to(cluster.device, non_blocking=True) for t in next(loader)]
+
+    return Training(model, loader, next_batch, gpt_loss)
+
+
 def train(cfg: TrainConfig) -> None:
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
@@ -106,15 +131,16 @@ def train(cfg: TrainConfig) -> None:
         micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, acc)
         tokenizer = load_tokenizer(cfg)
         seed, rank = cfg.orchestration.seed, cluster.rank
-        data = dataclasses.replace(cfg.data, batch_size=micro)
-        with section("data"):
-            stream = TextStream(data, tokenizer, "train", rank, cluster.world_size)
+        stream = train_stream(cfg, tokenizer, cluster)
         if cfg.data.epochs:  # the run is as long as the data
             cfg.optim.steps = steps_in_epochs(stream, cluster, acc)
+        check_init(cfg.init, lambda: build_model(cfg, training=False, device=cluster.device))
+        resuming = resumes(cfg.orchestration.log_dir)
 
         monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
+        training = build_training(cfg, cluster, stream, init=not resuming)
         stream = stack.enter_context(stream)
-        model = cluster.wrap(build_model(cfg, training=True, device=cluster.device))
+        model = cluster.wrap(training.model)
         optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
         scheduler = build_scheduler(optimizer, cfg.optim)
         seed_everything(seed, rank)
@@ -123,10 +149,7 @@ def train(cfg: TrainConfig) -> None:
         length = f" ({cfg.data.epochs} epochs of the data)" if cfg.data.epochs else ""
         logger.info(f"training from step {step} to {cfg.optim.steps}{length}, {micro} rows/rank/micro-step")
 
-        def next_batch() -> list[torch.Tensor]:
-            return [t.to(cluster.device, non_blocking=True) for t in next(stream)]
-
-        loss_fn = partial(gpt_loss, model)
+        next_batch, loss_fn = training.next_batch, partial(training.loss, model)
 
         while step < cfg.optim.steps and not monitor.stop:
             loss, metrics = train_step(

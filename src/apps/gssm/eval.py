@@ -43,7 +43,7 @@ def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[G
     gssm = GSSM(cfg.data.gssm)
     set_vocab_size(cfg, gssm)
     model = build_model(cfg, training=False, device=device)
-    load_model_weights(path, model)
+    load_model_weights(path, model, ema=cfg.evaluation.use_ema)
     return gssm, model.to(device).eval()
 
 

@@ -36,6 +36,7 @@ class EvaluationConfig:
     )
     seq_len: int = 0  # positions per held-out sequence (0: data.seq_len); longer: length extrapolation
     position_buckets: int = 0  # k > 0: also loss, bayes_loss and gap over k equal buckets of positions
+    use_ema: bool = False  # evaluate the EMA of the weights (needs optim.ema_decay > 0; eval.py: ema.pt)
 
     def check(self) -> None:
         if self.period < 0:

@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m src.apps.gssm.train config=...
 
 Evaluation lines report the model's loss next to the true model's (`bayes_loss`) on the same
-held-out sequences, and their `gap`.
+held-out sequences, and their `gap`. `build_training` is the app's hook for the core's tools (the LR
+finder: `python -m src.nanollama.lr_finder script=src.apps.gssm.train config=...`).
 """
 
 from __future__ import annotations
@@ -12,15 +13,27 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
+from torch import nn
 
 from ...nanollama.config import ConfigError, entrypoint
 from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
+from ...nanollama.init import InitConfig, check_init, load_init, resumes
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
-from ...nanollama.trainer import build_transformer, causal_lm_loss, seed_everything, train_step
+from ...nanollama.trainer import (
+    Training,
+    build_transformer,
+    causal_lm_loss,
+    check_use_ema,
+    eval_weights,
+    seed_everything,
+    train_step,
+)
 from .data import DataConfig, build_stream
 from .evaluation import EvaluationConfig, check_evaluation, evaluate
 from .generator import GSSM
@@ -35,7 +48,11 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     model: TransformerConfig = field(default_factory=TransformerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def check(self) -> None:
+        check_use_ema(self)
 
     def check_inputs(self) -> None:
         """What the run will read, before the log dir exists: the dataset on disk and the held-out
@@ -56,6 +73,28 @@ def build_model(cfg: TrainConfig, training: bool, device: torch.device) -> Trans
     return build_transformer(cfg.model, cfg.orchestration.seed, training, device)
 
 
+def gssm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return causal_lm_loss(model(tokens[:, :-1]), tokens)
+
+
+def build_training(cfg: TrainConfig, cluster: Cluster, loader: Any = None, init: bool = True) -> Training:
+    """The app's training step for its loop and the core's tools (see `Training`)."""
+    if loader is None:
+        gssm = GSSM(cfg.data.gssm)
+        set_vocab_size(cfg, gssm)
+        micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
+        seed = cfg.orchestration.seed
+        loader = build_stream(cfg.data, gssm, micro, seed, cluster.rank, cluster.world_size)
+    model = build_model(cfg, training=True, device=cluster.device)
+    if init:
+        load_init(model, cfg.init)
+
+    def next_batch() -> torch.Tensor:
+        return next(loader).to(cluster.device, non_blocking=True)
+
+    return Training(model, loader, next_batch, gssm_loss)
+
+
 def train(cfg: TrainConfig) -> None:
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
@@ -65,22 +104,20 @@ def train(cfg: TrainConfig) -> None:
         seed, rank = cfg.orchestration.seed, cluster.rank
         stream = build_stream(cfg.data, gssm, micro, seed, rank, cluster.world_size)
         set_vocab_size(cfg, gssm)
+        check_init(cfg.init, lambda: build_model(cfg, training=False, device=cluster.device))
+        resuming = resumes(cfg.orchestration.log_dir)
 
         monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
+        training = build_training(cfg, cluster, stream, init=not resuming)
         stream = stack.enter_context(stream)
-        model = cluster.wrap(build_model(cfg, training=True, device=cluster.device))
+        model = cluster.wrap(training.model)
         optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
         scheduler = build_scheduler(optimizer, cfg.optim)
         seed_everything(seed, rank)
         step = monitor.resume(model, optimizer, scheduler, stream)
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         logger.info(f"training from step {step} to {cfg.optim.steps}, {micro} sequences/rank/micro-step")
-
-        def next_batch() -> torch.Tensor:
-            return next(stream).to(cluster.device, non_blocking=True)
-
-        def loss_fn(tokens: torch.Tensor) -> torch.Tensor:
-            return causal_lm_loss(model(tokens[:, :-1]), tokens)
+        next_batch, loss_fn = training.next_batch, partial(training.loss, model)
 
         while step < cfg.optim.steps and not monitor.stop:
             loss, metrics = train_step(
@@ -89,7 +126,7 @@ def train(cfg: TrainConfig) -> None:
             step += 1
             eval_due = cfg.evaluation.due(step, cfg.optim.steps)
             if eval_due and not cfg.evaluation.asynchronous:
-                with monitor.phase("eval"):
+                with monitor.phase("eval"), eval_weights(monitor, cfg.evaluation.use_ema):
                     monitor.log_eval(step, evaluate(model, gssm, cfg, cluster))
             eval_checkpoint = eval_due and cfg.evaluation.asynchronous
             step = monitor.end_step(step, loss, tokens_per_step, eval_checkpoint, **metrics)

@@ -19,6 +19,7 @@ from .transformer import Transformer, TransformerConfig
 
 MODEL_YAML = "model.yaml"
 WEIGHTS = "model.pt"
+EMA_WEIGHTS = "ema.pt"  # the EMA of the weights, same keys (runs with optim.ema_decay > 0)
 RUN_CONFIG = "config.yaml"
 
 
@@ -50,11 +51,13 @@ def load_model_config(folder: str | os.PathLike, key: str = "checkpoint") -> Tra
     return cfg
 
 
-def load_weights(folder: str | os.PathLike, key: str = "checkpoint") -> dict[str, Tensor]:
-    """The consolidated state dict (`model.pt`) of a checkpoint folder, on CPU."""
-    file = Path(folder) / WEIGHTS
+def load_weights(
+    folder: str | os.PathLike, key: str = "checkpoint", name: str = WEIGHTS
+) -> dict[str, Tensor]:
+    """The consolidated state dict (`model.pt`, or `name`: `ema.pt`) of a checkpoint folder, on CPU."""
+    file = Path(folder) / name
     if not file.is_file():
-        raise ConfigError(key, f"no {WEIGHTS} in {folder}")
+        raise ConfigError(key, f"no {name} in {folder}")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (truncated, not a zip, not tensors: the same error to the user)

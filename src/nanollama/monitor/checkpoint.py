@@ -1,8 +1,10 @@
 """Atomic, resumable checkpoints with an eval guard.
 
 Layout of one checkpoint, `checkpoints/{step:010d}/`:
-    dcp/            model + optimizer through torch.distributed.checkpoint (sharded under FSDP)
+    dcp/            model + optimizer (+ the weights' EMA) through torch.distributed.checkpoint (sharded
+                    under FSDP)
     model.pt        consolidated model weights, for evaluation and notebooks
+    ema.pt          consolidated EMA of the weights, same keys (only with `optim.ema_decay` > 0)
     state_{rank}.pt everything else a rank needs to continue exactly (step, scheduler, data, RNG, ...)
     data_{rank}.json what the rank's data loader had consumed (sources, epochs, documents, tokens), to read
     manifest.json   every file's size and CRC-32, written last (manifest.py)
@@ -34,7 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -50,9 +52,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..config import ConfigError, RunError
-from ..model.io import WEIGHTS, check_shapes, load_weights
+from ..model.io import EMA_WEIGHTS, WEIGHTS, check_shapes, load_weights
 from .files import naming, write_synced
 from .manifest import checksum_part, verify_checkpoint, write_manifest
+
+if TYPE_CHECKING:
+    from ..optim import EMA
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +171,19 @@ def find_checkpoint(checkpoint: str, log_dir: str | os.PathLike) -> Path:
     return path
 
 
-def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
-    """Load the consolidated weights of a checkpoint folder into an unwrapped model; weights that do not
-    fit the model are a ConfigError naming the first mismatched tensor."""
-    state = load_weights(path)
-    check_shapes(model, state, str(Path(path) / WEIGHTS))
+def load_model_weights(path: str | os.PathLike, model: nn.Module, ema: bool = False) -> None:
+    """Load the consolidated weights of a checkpoint folder (`ema`: their EMA, `ema.pt`) into an unwrapped
+    model; weights that do not fit the model are a ConfigError naming the first mismatched tensor."""
+    name = EMA_WEIGHTS if ema else WEIGHTS
+    if ema:
+        if not (Path(path) / EMA_WEIGHTS).is_file():
+            raise ConfigError(
+                "evaluation.use_ema", f"{path} has no {EMA_WEIGHTS} (its run had optim.ema_decay=0)"
+            )
+        if problem := verify_checkpoint(path, only=(EMA_WEIGHTS,)):
+            raise ConfigError("checkpoint", f"corrupt checkpoint {path}: {problem}")
+    state = load_weights(path, name=name)
+    check_shapes(model, state, str(Path(path) / name))
     if bad := [name for name, t in state.items() if _is_bad(t)]:  # never saved so: the file is damaged
         raise ConfigError("checkpoint", f"corrupt checkpoint {path}: non-finite values in {bad[0]}")
     model.load_state_dict(state)
@@ -259,6 +272,7 @@ class Checkpointer:
         rank_state: dict[str, Any],
         eval_flag: bool = False,
         records: dict[str, Any] | None = None,
+        ema: EMA | None = None,
     ) -> Path:
         """Write checkpoint `step` atomically; an existing one of the same step only gains the flag.
 
@@ -286,16 +300,22 @@ class Checkpointer:
 
         def write() -> None:
             model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
             with _quiet_dcp():
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "dcp")
+                dcp.save(state, checkpoint_id=tmp / "dcp")
             full = get_model_state_dict(
                 model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
+            ema_full = ema.full_state_dict(full) if ema is not None else None  # every rank: gathers
             _torch_save(rank_state, tmp / f"state_{self.rank}.pt")
             for name, record in (records or {}).items():
                 write_synced(tmp / name, json.dumps(record, indent=1) + "\n")
             if self.rank == 0:
                 _torch_save(full, tmp / "model.pt")
+                if ema_full is not None:
+                    _torch_save(ema_full, tmp / EMA_WEIGHTS)
                 if eval_flag:
                     (tmp / EVAL_FLAG).touch()
 
@@ -331,9 +351,16 @@ class Checkpointer:
         logger.info(f"saved checkpoint {final} in {time.perf_counter() - start:.2f}s")
         return final
 
-    def load(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Restore model and optimizer in place; return this rank's saved state. A checkpoint that fails
-        its manifest or cannot be read raises CorruptCheckpointError on every rank."""
+    def load(
+        self,
+        path: str | os.PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: EMA | None = None,
+    ) -> dict:
+        """Restore model, optimizer (and `ema`) in place; return this rank's saved state. A checkpoint that
+        fails its manifest or cannot be read raises CorruptCheckpointError on every rank. An EMA that the
+        checkpoint lacks (EMA switched on at a resume) restarts from the loaded weights."""
         path = Path(path)
         problem = verify_checkpoint(path, self.rank, self.world_size)
         if self._anywhere(problem is not None):
@@ -347,6 +374,8 @@ class Checkpointer:
         try:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
+            if ema is not None and (path / EMA_WEIGHTS).is_file():
+                state["ema"] = ema.state_dict()
             with _quiet_dcp():
                 dcp.load(state, checkpoint_id=path / "dcp")
             rank_state = torch.load(path / f"state_{self.rank}.pt", map_location="cpu", weights_only=False)
@@ -357,19 +386,24 @@ class Checkpointer:
                 path, describe_error(error) if error else "unreadable on another rank"
             )
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if ema is not None and "ema" not in state:
+            ema.reset()
+            logger.warning(f"{path} has no EMA of the weights: the EMA starts from its weights")
         bad = non_finite_tensors(model, optimizer)  # never saved so: damage the checksums cannot see
         if self._anywhere(bool(bad)):
             raise CorruptCheckpointError(path, f"non-finite values in {bad[0] if bad else 'another rank'}")
         logger.info(f"resumed from {path}")
         return rank_state
 
-    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Path, dict] | None:
+    def load_latest(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None = None
+    ) -> tuple[Path, dict] | None:
         """Load the newest checkpoint that is sound; corrupt ones are moved aside to `.corrupt-{step}`
         (never deleted). None when there is no checkpoint; a RunError when none of them loads."""
         candidates = list_checkpoints(self.root)
         for path in reversed(candidates):
             try:
-                state = self.load(path, model, optimizer)
+                state = self.load(path, model, optimizer, ema)
                 self._read_confirmations(path)
                 return path, state
             except CorruptCheckpointError as e:

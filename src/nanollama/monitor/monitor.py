@@ -26,7 +26,7 @@ from torch import nn
 from ..config import ConfigError, RunError, to_dict, to_yaml
 from ..distributed import Cluster
 from ..jobs import EvalJobConfig, submit_eval_job
-from ..optim import ClipState
+from ..optim import EMA, ClipState
 from ..runs import start_line
 from .checkpoint import (
     NONFINITE_PREFIX,
@@ -93,6 +93,7 @@ class Monitor:
         self.skipped = 0  # consecutive steps whose update was skipped (non-finite gradients)
         self.spikes = SpikeGuard(cfg.spikes)  # train_step multiplies the LR by `spikes.lr_scale`
         self.clip_state = ClipState()  # adaptive clipping's running grad norm (train_step)
+        self.ema: EMA | None = None  # the weights' EMA (optim.ema_decay > 0), made by `resume`
         self._rolled_back_to: int | None = None
         self.stop = False
         self.objects: dict[str, Any] = {}
@@ -175,10 +176,15 @@ class Monitor:
     # ---- state ---------------------------------------------------------------------------------
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any) -> int:
-        """Register what a checkpoint holds and restore the latest one if any; returns the step."""
+        """Register what a checkpoint holds and restore the latest one if any; returns the step.
+
+        With `optim.ema_decay` > 0 in the run's config, an EMA of the model's weights starts here (from
+        the weights as they are, e.g. `init.checkpoint`'s), is updated by `train_step` and checkpointed."""
         self.objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader}
         self._hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        found = self.checkpointer.load_latest(model, optimizer)
+        decay = getattr(getattr(self.run_config, "optim", None), "ema_decay", 0.0)
+        self.ema = EMA(model, decay) if decay else None
+        found = self.checkpointer.load_latest(model, optimizer, self.ema)
         if found is not None:
             path, state = found
             self._restore(state)
@@ -240,7 +246,7 @@ class Monitor:
                 for record in sources:
                     logger.info(f"data consumed at step {self.step}: " + _fields(record))
         path = self.checkpointer.save(
-            self.step, o["model"], o["optimizer"], self.rank_state(), eval_flag, records
+            self.step, o["model"], o["optimizer"], self.rank_state(), eval_flag, records, self.ema
         )
         if eval_flag and self.cluster.is_main and self.cfg.eval_job.script:
             self._submit_eval(path)
@@ -357,7 +363,7 @@ class Monitor:
             return False
         o = self.objects
         self.checkpointer.set_aside_unconfirmed(SPIKE_PREFIX, "a loss spike")
-        state = self.checkpointer.load(target, o["model"], o["optimizer"])
+        state = self.checkpointer.load(target, o["model"], o["optimizer"], self.ema)
         self._restore(state)
         self.spikes.load_statistic(state.get("spikes", {}))
         self.spikes.rollbacks += 1
