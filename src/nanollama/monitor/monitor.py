@@ -308,7 +308,7 @@ class Monitor:
             sound = not spike or self.cfg.spikes.action == "continue"
             self._count_skipped(step, metrics.get("grad_norm", 0.0), sound)
             if step % self.cfg.logging.period == 0 or step == self.total_steps:
-                self._log_metrics(step, loss, metrics)
+                self._log_metrics(step, mean_loss, loss, metrics)
         self.profiler.end_step(step, tokens)
         self.heavy.step()
         if self.heavy.trace_path is not None:
@@ -395,9 +395,9 @@ class Monitor:
                 f"orchestration.max_skipped_steps={self.cfg.max_skipped_steps}); " + self._set_aside_bad()
             )
 
-    def _log_metrics(self, step: int, loss: float, metrics: dict) -> None:
+    def _log_metrics(self, step: int, mean_loss: float, loss: float, metrics: dict) -> None:
+        """`mean_loss` over ranks comes from end_step's one collective; `loss` is this rank's."""
         now = time.perf_counter()
-        mean_loss = self.cluster.all_reduce([loss])[0] / self.cluster.world_size
         elapsed = now - self._start
         done = step - self._start_step
         record = {"step": step, "loss": mean_loss, "rank_loss": loss, **metrics}
