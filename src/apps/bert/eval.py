@@ -30,7 +30,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
     with Cluster(cfg.cluster) as cluster:
         task = build_task(cfg, load_tokenizer(cfg))
         model = build_model(cfg, task, training=False, device=cluster.device)
-        load_model_weights(path, model)
+        load_model_weights(path, model, ema=cfg.evaluation.use_ema)
         model = model.to(cluster.device).eval()
         metrics = task.evaluate(model, cfg.split, cluster)
         result = {"step": checkpoint_step(path), **metrics, "split": cfg.split, "checkpoint": str(path)}

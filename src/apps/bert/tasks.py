@@ -81,6 +81,8 @@ class EvaluationConfig:
     batches: int = 8  # mlm: validation batches, the same ones every time (classification: the whole split)
     batch_size: int = 32  # global rows per evaluation batch
 
+    use_ema: bool = False  # evaluate the EMA of the weights (needs optim.ema_decay > 0; eval.py: ema.pt)
+
     def check(self) -> None:
         if self.period < 0 or self.batches < 1 or self.batch_size < 1:
             raise ConfigError("period", "need period >= 0, batches >= 1 and batch_size >= 1")

@@ -37,6 +37,8 @@ from ...nanollama.trainer import (
     Training,
     build_text_tokenizer,
     build_transformer,
+    check_use_ema,
+    eval_weights,
     seed_everything,
     train_step,
 )
@@ -59,6 +61,7 @@ class TrainConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def check(self) -> None:
+        check_use_ema(self)
         if self.model.causal:
             raise ConfigError("model.causal", "BERT is a bidirectional encoder: must be false")
         if self.data.seq_len < 3:
@@ -208,9 +211,10 @@ def train(cfg: TrainConfig) -> None:
             step += 1
             with monitor.phase("eval"):
                 if cfg.evaluation.due(step, cfg.optim.steps):
-                    monitor.log_eval(step, task.evaluate(model, "valid", cluster))
-                    for line in task.dump(model, cluster.device):
-                        logger.info(f"prediction at step {step}: {line}")
+                    with eval_weights(monitor, cfg.evaluation.use_ema):
+                        monitor.log_eval(step, task.evaluate(model, "valid", cluster))
+                        for line in task.dump(model, cluster.device):
+                            logger.info(f"prediction at step {step}: {line}")
             step = monitor.end_step(step, loss, step_tokens, **metrics, **task.train_metrics())
             step_tokens = 0
 

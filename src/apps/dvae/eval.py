@@ -83,7 +83,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
     path = checkpoint_to_evaluate(cfg)
     with Cluster(cfg.cluster) as cluster:
         model = build_model(cfg, cluster.device)
-        load_model_weights(path, model)
+        load_model_weights(path, model, ema=cfg.evaluation.use_ema)
         model = model.to(cluster.device).eval()
         if cfg.task:
             return show_task(model, cfg, cluster.device) if cluster.is_main else {}

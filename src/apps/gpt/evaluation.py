@@ -32,6 +32,8 @@ class EvaluationConfig:
     batches: int = 8  # validation batches per evaluation, the same ones every time
     batch_size: int = 16  # global rows per validation batch
 
+    use_ema: bool = False  # evaluate the EMA of the weights (needs optim.ema_decay > 0; eval.py: ema.pt)
+
     def check(self) -> None:
         if self.period < 0:
             raise ConfigError("period", f"must be >= 0, got {self.period}")

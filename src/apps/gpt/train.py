@@ -36,6 +36,8 @@ from ...nanollama.trainer import (
     build_transformer,
     causal_lm_loss,
     check_text_masks,
+    check_use_ema,
+    eval_weights,
     seed_everything,
     train_step,
 )
@@ -55,6 +57,9 @@ class TrainConfig:
     init: InitConfig = field(default_factory=InitConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def check(self) -> None:
+        check_use_ema(self)
 
     def check_inputs(self) -> None:
         """What the run will read, before the log dir exists: the tokenizer's files (a sentencepiece
@@ -158,7 +163,8 @@ def train(cfg: TrainConfig) -> None:
             step += 1
             with monitor.phase("eval"):
                 if cfg.evaluation.due(step, cfg.optim.steps):
-                    monitor.log_eval(step, evaluate(model, tokenizer, cfg, cluster))
+                    with eval_weights(monitor, cfg.evaluation.use_ema):
+                        monitor.log_eval(step, evaluate(model, tokenizer, cfg, cluster))
                 if cfg.generation.due(step, cfg.optim.steps):
                     log_samples(model, tokenizer, cfg, step)
             step = monitor.end_step(step, loss, tokens_per_step, **metrics)

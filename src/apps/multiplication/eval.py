@@ -37,7 +37,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
     with Cluster(cfg.cluster) as cluster:
         tok = load_tokenizer(cfg)
         model = build_model(cfg, training=False, device=cluster.device)
-        load_model_weights(path, model)
+        load_model_weights(path, model, ema=cfg.evaluation.use_ema)
         model = model.to(cluster.device).eval()
         step = checkpoint_step(path)
         stage = Schedule(cfg.train, cfg.data).stage(max(step - 1, 0))

@@ -35,6 +35,8 @@ class EvaluationConfig:
     n_problems: int = 512  # problems of the split evaluated, the same ones every time
     batch_size: int = 256  # problems generated at once per rank
 
+    use_ema: bool = False  # evaluate the EMA of the weights (needs optim.ema_decay > 0; eval.py: ema.pt)
+
     def check(self) -> None:
         if self.period < 0:
             raise ConfigError("period", f"must be >= 0, got {self.period}")

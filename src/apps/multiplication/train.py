@@ -8,6 +8,7 @@ Problems are generated on the fly (or read from Internalize-CoT files, `data.tra
 lines report the exact-match `accuracy` of greedily generated answers, `digit_accuracy` and its value per
 answer digit, the answer loss and the generation speed. A change of curriculum stage resets the optimizer
 (`train.curriculum.reset_optimizer`), logged as an event; the stage lives in the checkpoint.
+`build_training` is the app's hook for the core's tools (the LR finder, at step 0's stage and schedule).
 """
 
 from __future__ import annotations
@@ -15,15 +16,25 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 
 from ...nanollama.config import ConfigError, entrypoint, section
 from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
+from ...nanollama.init import InitConfig, check_init, load_init, resumes
 from ...nanollama.model.transformer import TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
-from ...nanollama.trainer import build_transformer, seed_everything, train_step
+from ...nanollama.trainer import (
+    Training,
+    build_transformer,
+    check_use_ema,
+    eval_weights,
+    seed_everything,
+    train_step,
+)
 from .data import DataConfig, MultiplicationTokenizer, ProblemStream, check_files, load_split
 from .evaluation import EvaluationConfig, evaluate
 from .model import MultiplicationModel
@@ -40,9 +51,11 @@ class TrainConfig:
     model: TransformerConfig = field(default_factory=TransformerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def check(self) -> None:
+        check_use_ema(self)
         if not self.model.causal:
             raise ConfigError("model.causal", "the answer is generated: must be true")
         n = self.model.n_layers
@@ -82,6 +95,49 @@ def reset_optimizer(optimizer: torch.optim.Optimizer) -> None:
     optimizer.state.clear()
 
 
+@dataclass
+class StepState:
+    """What the training step reads and writes at the current step: the loop sets the teacher-forcing
+    `share` (and the stream's stage and layout) before each step; `extra` (the loss's own metrics) and
+    `tokens` (counted by next_batch) are read after it."""
+
+    share: float
+    extra: dict[str, float] = field(default_factory=dict)
+    tokens: int = 0
+
+
+def build_step(
+    cfg: TrainConfig, cluster: Cluster, stream: ProblemStream | None = None, init: bool = True
+) -> tuple[Training, StepState]:
+    """The training step (`build_training`) and the state it reads: step 0's stage and share until set."""
+    schedule = Schedule(cfg.train, cfg.data)
+    if stream is None:
+        micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
+        seed, rank = cfg.orchestration.seed, cluster.rank
+        stream = ProblemStream(cfg.data, load_tokenizer(cfg), micro, seed, rank, cluster.world_size)
+        stream.state.stage = schedule.stage(0)
+        stream.layout = lambda rng: schedule.layout(stream.state.stage, rng)
+    model = build_model(cfg, training=True, device=cluster.device)
+    if init:
+        load_init(model, cfg.init)
+    state = StepState(cfg.train.teacher_forcing.share(0))
+
+    def next_batch() -> list[torch.Tensor]:
+        batch = next(stream)
+        state.tokens += batch[0].numel() * cluster.world_size
+        return [t.to(cluster.device, non_blocking=True) for t in batch]
+
+    def loss(model: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+        return multiplication_loss(model, batch, cfg.train, state.share, state.extra)
+
+    return Training(model, stream, next_batch, loss), state
+
+
+def build_training(cfg: TrainConfig, cluster: Cluster, loader: Any = None, init: bool = True) -> Training:
+    """The app's training step for its loop and the core's tools (see `Training`)."""
+    return build_step(cfg, cluster, loader, init)[0]
+
+
 def train(cfg: TrainConfig) -> None:
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
@@ -90,10 +146,13 @@ def train(cfg: TrainConfig) -> None:
         schedule = Schedule(cfg.train, cfg.data)
         seed, rank = cfg.orchestration.seed, cluster.rank
         stream = ProblemStream(cfg.data, tok, micro, seed, rank, cluster.world_size)
+        check_init(cfg.init, lambda: build_model(cfg, training=False, device=cluster.device))
+        resuming = resumes(cfg.orchestration.log_dir)
 
         monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
+        training, state = build_step(cfg, cluster, stream, init=not resuming)
         stream = stack.enter_context(stream)
-        model = cluster.wrap(build_model(cfg, training=True, device=cluster.device))
+        model = cluster.wrap(training.model)
         optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
         scheduler = build_scheduler(optimizer, cfg.optim)
         seed_everything(seed, rank)
@@ -104,14 +163,7 @@ def train(cfg: TrainConfig) -> None:
             f"{cfg.train.mode} on {cfg.data.k}x{cfg.data.m}: training from step {step} to {cfg.optim.steps}, "
             f"{micro} rows/rank/micro-step, stage {stream.state.stage} of {schedule.last_stage}"
         )
-        extra: dict[str, float] = {}
-        step_tokens = 0
-
-        def next_batch() -> list[torch.Tensor]:
-            nonlocal step_tokens
-            batch = next(stream)
-            step_tokens += batch[0].numel() * cluster.world_size
-            return [t.to(cluster.device, non_blocking=True) for t in batch]
+        loss_fn = partial(training.loss, model)
 
         while step < cfg.optim.steps and not monitor.stop:
             stage = schedule.stage(step)
@@ -127,20 +179,19 @@ def train(cfg: TrainConfig) -> None:
                     f"step {step}: stage {stage}" + (", optimizer reset" if "reset" in event["event"] else "")
                 )
             stream.layout = lambda rng, stage=stage: schedule.layout(stage, rng)
-            share = cfg.train.teacher_forcing.share(step)
-
-            def loss_fn(batch: list[torch.Tensor], share: float = share) -> torch.Tensor:
-                return multiplication_loss(model, batch, cfg.train, share, extra)
-
+            state.share = share = cfg.train.teacher_forcing.share(step)
             loss, metrics = train_step(
-                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, next_batch, loss_fn
+                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, training.next_batch, loss_fn
             )
             step += 1
             with monitor.phase("eval"):
                 if cfg.evaluation.due(step, cfg.optim.steps):
-                    monitor.log_eval(step, evaluate(model, tok, cfg, cluster, schedule.stage(step - 1)))
-            step = monitor.end_step(step, loss, step_tokens, **metrics, **extra, stage=stage, tf_share=share)
-            step_tokens = 0
+                    with eval_weights(monitor, cfg.evaluation.use_ema):
+                        monitor.log_eval(step, evaluate(model, tok, cfg, cluster, schedule.stage(step - 1)))
+            step = monitor.end_step(
+                step, loss, state.tokens, **metrics, **state.extra, stage=stage, tf_share=share
+            )
+            state.tokens = 0
 
 
 main = entrypoint(TrainConfig, train)

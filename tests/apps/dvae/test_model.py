@@ -13,12 +13,25 @@ import torch.nn.functional as F
 from src.apps.dvae.data import INPUT, OUTPUT, GridVocab
 from src.apps.dvae.evaluation import Tally
 from src.apps.dvae.losses import kl_uniform, mws_terms, reconstruction_loss
-from src.apps.dvae.model import DVAE, DVAEConfig, QuantiserConfig, gumbel_softmax, quantise, sample_codes
+from src.apps.dvae.model import (
+    DVAE,
+    DVAEConfig,
+    QuantiserConfig,
+    draw_uniforms,
+    gumbel_softmax,
+    lattice_prior,
+    quantise,
+    sample_codes,
+)
 from src.apps.dvae.schedules import ScheduleConfig
 from src.apps.dvae.train import StepValues, TrainConfig
 from src.nanollama.config import ConfigError, build_config, read_yaml, validate
 from src.nanollama.distributed import Cluster, ClusterConfig
 from src.nanollama.model.transformer import TransformerConfig
+
+
+def draws(kind: str, logits: torch.Tensor, seed: int) -> torch.Tensor:
+    return draw_uniforms(kind, logits.shape, torch.Generator().manual_seed(seed), logits.device)
 
 
 def algorithm_2(logits: torch.Tensor, tau: float, sample: torch.Tensor) -> torch.Tensor:
@@ -35,8 +48,7 @@ def test_reinmax_forward_is_one_hot_and_backward_matches_algorithm_2(tau):
     torch.manual_seed(0)
     logits = torch.randn(8, 5, 7, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(8, 5, 7, dtype=torch.float64)
-    g = torch.Generator().manual_seed(1)
-    weights, codes = quantise(logits, "reinmax", tau, generator=g)
+    weights, codes = quantise(logits, "reinmax", tau, uniform=draws("reinmax", logits, 1))
     assert torch.equal(weights, F.one_hot(codes, 7).double())  # one-hot, the sampled codes
     (grad,) = torch.autograd.grad((weights * upstream).sum(), logits)
     reference = algorithm_2(logits, tau, F.one_hot(codes, 7).double())
@@ -47,7 +59,7 @@ def test_reinmax_forward_is_one_hot_and_backward_matches_algorithm_2(tau):
 
 def test_reinmax_samples_follow_softmax_without_noise():
     logits = torch.tensor([[[2.0, 0.0, -1.0, 0.5]]]).expand(20000, 1, 4)
-    codes = sample_codes(logits, torch.Generator().manual_seed(0))
+    codes = sample_codes(logits, draws("reinmax", logits, 0))
     freq = torch.bincount(codes.flatten(), minlength=4).double() / codes.numel()
     assert torch.allclose(freq, logits[0, 0].double().softmax(-1), atol=0.01)
 
@@ -65,7 +77,7 @@ def test_gumbel_soft_sums_to_one_and_tends_to_one_hot():
     logits = torch.randn(64, 4, 10)
     distances = []
     for tau in (2.0, 0.5, 0.1, 0.01, 0.0001):
-        y = gumbel_softmax(logits, tau, torch.Generator().manual_seed(0))
+        y = gumbel_softmax(logits, tau, draws("gumbel", logits, 0))
         assert torch.allclose(y.sum(-1), torch.ones(64, 4), atol=1e-5)
         distances.append(float((y - F.one_hot(y.argmax(-1), 10)).abs().sum(-1).mean()))
     assert distances == sorted(distances, reverse=True) and distances[-1] < 1e-3
@@ -74,10 +86,10 @@ def test_gumbel_soft_sums_to_one_and_tends_to_one_hot():
 def test_gumbel_hard_rows_are_one_hot_with_the_soft_gradient():
     logits = torch.randn(6, 3, 5, requires_grad=True)
     hard_rows = torch.tensor([True, False, True, False, False, True])
-    y, codes = quantise(logits, "gumbel", 0.7, hard_rows, torch.Generator().manual_seed(2))
+    y, codes = quantise(logits, "gumbel", 0.7, hard_rows, draws("gumbel", logits, 2))
     assert torch.equal(y[hard_rows], F.one_hot(codes[hard_rows], 5).float())
     assert not torch.equal(y[~hard_rows], F.one_hot(codes[~hard_rows], 5).float())
-    soft = gumbel_softmax(logits, 0.7, torch.Generator().manual_seed(2))
+    soft = gumbel_softmax(logits, 0.7, draws("gumbel", logits, 2))
     upstream = torch.randn(6, 3, 5)
     (a,) = torch.autograd.grad((y * upstream).sum(), logits)
     (b,) = torch.autograd.grad((soft * upstream).sum(), logits)
@@ -99,7 +111,7 @@ def test_kl_to_uniform_matches_the_closed_form():
 def test_mws_terms_sum_to_the_sampled_kl():
     torch.manual_seed(0)
     logits = torch.randn(32, 6, 10) * 2
-    codes = sample_codes(logits, torch.Generator().manual_seed(0))
+    codes = sample_codes(logits, draws("reinmax", logits, 0))
     t = mws_terms(logits, codes, dataset_size=1000)
     assert float(t["mi"] + t["tc"] + t["dim_kl"]) == pytest.approx(float(t["kl_sampled"]), abs=1e-5)
     logq = logits.log_softmax(-1).gather(2, codes.unsqueeze(-1)).squeeze(-1)  # log q(z_i | x_i)
@@ -113,7 +125,7 @@ def test_mws_tc_is_nonnegative_on_large_independent_batches():
     for seed in range(5):
         g = torch.Generator().manual_seed(seed)
         logits = torch.randn(512, 4, 8, generator=g) * 3
-        codes = sample_codes(logits, g)
+        codes = sample_codes(logits, torch.rand(512, 4, generator=g))
         tcs.append(float(mws_terms(logits, codes, dataset_size=512)["tc"]))
     assert np.mean(tcs) >= 0
 
@@ -146,11 +158,11 @@ def test_schedule_values(schedule, expected):
 
 def test_step_values_of_a_run_config():
     cfg = build_config(TrainConfig, read_yaml("src/apps/dvae/configs/gumbel.yaml"))
-    at = {step: StepValues.at(cfg, step) for step in (0, 500, 999, 1000, 2000)}
-    assert at[0].tau == 1.0 and at[2000].tau == pytest.approx(0.25) and at[1000].tau == pytest.approx(0.625)
-    assert at[0].noise == 0.0 and at[500].noise == pytest.approx(0.5) and at[2000].noise == 1.0
-    assert at[999].hard_prob == 0.0 and at[1000].hard_prob == 0.5  # hard rows from hard_start on
-    assert at[0].beta == 0.0 and at[1000].beta == pytest.approx(0.05) and at[0].mask_share == 0.0
+    at = {step: StepValues.at(cfg, step) for step in (0, 750, 1500, 1999, 2000, 4000)}
+    assert at[0].tau == 1.0 and at[4000].tau == pytest.approx(0.25) and at[2000].tau == pytest.approx(0.625)
+    assert at[0].noise == 0.0 and at[750].noise == pytest.approx(0.5) and at[1500].noise == 1.0
+    assert at[1999].hard_prob == 0.0 and at[2000].hard_prob == 0.5  # hard rows from hard_start on
+    assert at[0].beta == 0.0 and at[2000].beta == pytest.approx(0.05) and at[0].mask_share == 0.0
     cfg.quantiser.kind = "reinmax"
     assert StepValues.at(cfg, 1500).hard_prob == 0.0 and StepValues.at(cfg, 0).noise == 1.0
 
@@ -183,6 +195,61 @@ def test_model_shapes_and_gradients_reach_the_encoder():
         recon.logsumexp(-1).sum().backward()
         assert model.encoder.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.parameters())  # no unused parameter (DDP)
+
+
+def test_lattice_prior_anchors_tile_the_canvas():
+    side = 11
+    prior = lattice_prior(32, side, 0.5)  # a 4 x 8 lattice
+    assert prior.shape == (32, side * side) and float(prior.max()) <= 0
+    peaks = prior.argmax(1)
+    rows, cols = peaks // side, peaks % side
+    assert rows.unique().numel() == 4 and cols.unique().numel() == 8  # every anchor has its own cell
+    assert bool((rows.view(4, 8).diff(dim=0) > 0).all()) and bool((cols.view(4, 8).diff(dim=1) > 0).all())
+    wide = lattice_prior(32, side, 2.0)
+    assert bool((wide >= prior).all()) and float((wide - prior).max()) > 1  # wider: a flatter bias
+    assert lattice_prior(7, side, 0.5).shape == (7, side * side)  # a prime: one row of 7
+
+
+def tiny_dvae(locality: float) -> DVAE:
+    cfg = DVAEConfig(n_latents=4, n_codes=8, locality=locality)
+    cfg.encoder = TransformerConfig(dim=16, n_layers=1, n_heads=2, causal=False)
+    cfg.decoder = TransformerConfig(dim=16, n_layers=1, n_heads=2, causal=False)
+    validate(cfg)
+    torch.manual_seed(0)
+    return DVAE(cfg, max_size=7)  # an 8 x 8 canvas, anchors on a 2 x 2 lattice
+
+
+@pytest.mark.parametrize("locality", [0.25, 0.0])
+def test_lattice_prior_ties_each_latent_to_its_region(locality):
+    """With the prior, a cell moves the logits of the latent anchored near it far more than those of the
+    latent across the canvas; without it (locality 0) attention starts uniform: no latent is singled out."""
+    model = tiny_dvae(locality)
+    assert (model.prior is None) == (locality == 0)
+    assert "prior" not in model.state_dict()  # rebuilt from the config
+    tokens = torch.zeros(1, 64, dtype=torch.long)
+    changed = tokens.clone()
+    changed[0, 1 * 8 + 1] = 5  # cell (1, 1): next to latent 0's anchor (2, 2), far from latent 3's (6, 6)
+    with torch.no_grad():
+        delta = (model.encode(changed) - model.encode(tokens)).norm(dim=-1)[0]
+    if locality:
+        assert float(delta[0]) > 20 * float(delta[3])
+    else:
+        assert float(delta[0]) < 3 * float(delta[3])
+
+
+def test_locality_must_be_nonnegative():
+    with pytest.raises(ConfigError, match="locality"):
+        validate(DVAEConfig(locality=-1.0))
+
+
+@pytest.mark.parametrize("kind", ["gumbel", "reinmax"])
+def test_the_training_forward_compiles_to_one_graph(kind):
+    """The quantiser's generator draws are made before the model runs: no graph break (4 graphs before)."""
+    model = tiny_dvae(0.5)
+    tokens = torch.randint(0, 14, (4, 64))
+    hard_rows = torch.tensor([True, False, True, False])
+    explained = torch._dynamo.explain(model)(tokens, kind, 1.0, hard_rows, torch.Generator().manual_seed(0))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 def test_monitors_on_hand_made_codes():
