@@ -158,11 +158,11 @@ def test_schedule_values(schedule, expected):
 
 def test_step_values_of_a_run_config():
     cfg = build_config(TrainConfig, read_yaml("src/apps/dvae/configs/gumbel.yaml"))
-    at = {step: StepValues.at(cfg, step) for step in (0, 750, 1500, 1999, 2000, 4000)}
-    assert at[0].tau == 1.0 and at[4000].tau == pytest.approx(0.25) and at[2000].tau == pytest.approx(0.625)
-    assert at[0].noise == 0.0 and at[750].noise == pytest.approx(0.5) and at[1500].noise == 1.0
-    assert at[1999].hard_prob == 0.0 and at[2000].hard_prob == 0.5  # hard rows from hard_start on
-    assert at[0].beta == 0.0 and at[2000].beta == pytest.approx(0.05) and at[0].mask_share == 0.0
+    at = {step: StepValues.at(cfg, step) for step in (0, 1500, 3000, 3999, 4000, 8000)}
+    assert at[0].tau == 1.0 and at[8000].tau == pytest.approx(0.25) and at[4000].tau == pytest.approx(0.625)
+    assert at[0].noise == 0.0 and at[1500].noise == pytest.approx(0.5) and at[3000].noise == 1.0
+    assert at[3999].hard_prob == 0.0 and at[4000].hard_prob == 0.5  # hard rows from hard_start on
+    assert at[0].beta == 0.0 and at[4000].beta == pytest.approx(0.05) and at[0].mask_share == 0.0
     cfg.quantiser.kind = "reinmax"
     assert StepValues.at(cfg, 1500).hard_prob == 0.0 and StepValues.at(cfg, 0).noise == 1.0
 
