@@ -143,6 +143,14 @@ def dvae_loss(
     return loss
 
 
+def build_loader(cfg: TrainConfig, cluster: Cluster, grids: GridSet) -> GridLoader:
+    """The training grids' resumable loader: this rank's shard, augmented, in micro-batches."""
+    micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
+    dataset = GridDataset(grids, cfg.model.vocab, cfg.data.max_size, cfg.data.seed, cfg.data.augment)
+    workers = cfg.data.num_workers
+    return GridLoader(dataset, micro, cfg.data.seed, cluster.rank, cluster.world_size, workers)
+
+
 @dataclass
 class StepState:
     """What the training step's loss reads and writes at the current step: the loop sets `values` from the
@@ -156,12 +164,8 @@ def build_step(
     cfg: TrainConfig, cluster: Cluster, loader: GridLoader | None = None, init: bool = True
 ) -> tuple[Training, StepState]:
     """The training step (`build_training`) and the state its loss reads: schedules at step 0 until set."""
-    micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
     if loader is None:
-        grids = load_grids(cfg.data, "train")
-        dataset = GridDataset(grids, cfg.model.vocab, cfg.data.max_size, cfg.data.seed, cfg.data.augment)
-        seed, workers = cfg.data.seed, cfg.data.num_workers
-        loader = GridLoader(dataset, micro, seed, cluster.rank, cluster.world_size, workers)
+        loader = build_loader(cfg, cluster, load_grids(cfg.data, "train"))
     dataset_size = len(loader.dataset)
     model = build_model(cfg, cluster.device)
     if init:
@@ -189,8 +193,8 @@ def train(cfg: TrainConfig) -> None:
         micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
         seed, rank, vocab = cfg.orchestration.seed, cluster.rank, cfg.model.vocab
         train_set, valid_set = load_grids(cfg.data, "train"), load_grids(cfg.data, "valid")
-        dataset = GridDataset(train_set, vocab, cfg.data.max_size, cfg.data.seed, cfg.data.augment)
-        loader = GridLoader(dataset, micro, cfg.data.seed, rank, cluster.world_size, cfg.data.num_workers)
+        loader = build_loader(cfg, cluster, train_set)
+        dataset = loader.dataset
         check_init(cfg.init, lambda: build_model(cfg, cluster.device))
         resuming = resumes(cfg.orchestration.log_dir)
 
