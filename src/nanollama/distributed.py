@@ -179,7 +179,12 @@ class Cluster:
     # ---- model ---------------------------------------------------------------------------------
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """Move to device, shard (FSDP2, per block) or replicate (DDP), then compile in place."""
+        """Move to device, shard (FSDP2, per block) or replicate (DDP), then compile in place.
+
+        FSDP2's units are the blocks of every `nn.ModuleList` named `layers`, anywhere in the model (a VLM's
+        `vision.layers` and `lm.layers` alike; nested lists first), then the root. DDP registers only the
+        parameters that require grad now: freeze parts (`optim.freeze`) before wrapping.
+        """
         model.to(self.device)
         if self.fsdp:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -188,8 +193,14 @@ class Cluster:
             if self.cfg.dtype == "bfloat16" and self.device_type == "cuda":
                 mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             kwargs = {"mp_policy": mp} if mp else {}
-            for block in getattr(model, "layers", []):
-                fully_shard(block, **kwargs)
+            lists = [
+                (name.count("."), module)
+                for name, module in model.named_modules()
+                if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers"
+            ]
+            for _, blocks in sorted(lists, key=lambda item: -item[0]):  # stable: same depth in model order
+                for block in blocks:
+                    fully_shard(block, **kwargs)
             fully_shard(model, **kwargs)
         elif self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -223,6 +234,25 @@ class Cluster:
         else:
             with model.no_sync():
                 yield
+
+    @contextlib.contextmanager
+    def gathered(self, model: nn.Module) -> Iterator[None]:
+        """Whole parameters inside the block, for calls that bypass the wrapped model's forward (e.g. a
+        VLM generating through its submodules): FSDP2 gathers a unit's shards only around its own forward,
+        so the root's parameters would stay sharded. A no-op unless the model is sharded."""
+        if not self.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
 
     # ---- collectives ---------------------------------------------------------------------------
 

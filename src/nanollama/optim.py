@@ -1,6 +1,13 @@
 """AdamW (or Orthograd) with weight-decay param groups, warmup + LR schedules, gradient clipping (fixed or
 adaptive), and an EMA of the weights.
 
+Per-part learning rates: `optim.groups` maps module-name prefixes (as in `model.named_parameters()`, e.g.
+`vision.`, `projector.`, `lm.layers.0.`) to multipliers of `optim.lr`; the longest matching prefix wins,
+and a parameter no prefix matches gets 1. Every (multiplier, decay) pair is one param group with its own
+`lr` and `lr_mult`, so the `LambdaLR` (a factor times each group's initial LR) scales every schedule
+alike. A multiplier of 0 freezes the part (`freeze`): no gradient, no optimizer state, no share of the
+gradient norm, the weights untouched.
+
 Schedules are pure functions of the optimizer step (`lr_factor`), so they are easy to test, plot and
 resume: a `LambdaLR` only needs its `last_epoch` back to continue exactly where it stopped.
 """
@@ -8,8 +15,9 @@ resume: a `LambdaLR` only needs its `last_epoch` back to continue exactly where 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import torch
@@ -17,6 +25,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("constant", "linear", "cosine", "wsd", "inv_sqrt")
 CLIP_MODES = ("fixed", "adaptive")
@@ -44,6 +54,8 @@ class OptimConfig:
     rewarm_steps: int = 0  # > 0: the first steps go linearly from `rewarm_from` to the schedule's LR
     rewarm_from: float = 0.0  # LR at step 0 of a re-warm, e.g. the LR a continued checkpoint stopped at
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights (DALL-E: 0.999), checkpointed; 0: off
+    # parameter-name prefix -> multiplier of `lr` (longest prefix wins, unmatched: 1); 0 freezes the part
+    groups: dict[str, float] = field(default_factory=dict)
 
     @property
     def warmup_steps(self) -> int:
@@ -70,6 +82,13 @@ class OptimConfig:
                 raise ConfigError(key, f"must be in [0, 1), got {getattr(self, key)}")
         if self.lr / (1 - self.beta1) >= torch.finfo(torch.float32).max:  # Adam's first step size
             raise ConfigError("lr", f"{self.lr} / (1 - beta1) overflows float32")
+        for prefix, mult in self.groups.items():
+            if not (math.isfinite(mult) and mult >= 0):
+                raise ConfigError(
+                    "groups", f"'{prefix}': the LR multiplier must be finite and >= 0, got {mult}"
+                )
+            if self.lr * mult / (1 - self.beta1) >= torch.finfo(torch.float32).max:
+                raise ConfigError("groups", f"'{prefix}': lr x {mult} / (1 - beta1) overflows float32")
         if not self.eps > 0:
             raise ConfigError("eps", f"must be > 0, got {self.eps}")
         if self.clip_mode not in CLIP_MODES:
@@ -114,26 +133,122 @@ def _check_length(key: str, length: float, steps: int) -> None:
         raise ConfigError(key, f"{_to_steps(length, steps)} steps exceed optim.steps ({steps})")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only matrices (weights, embeddings); norm gains, biases and other 1-D params are left alone."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameter names `optim.groups` uses: DDP's `module.` and compile's `_orig_mod.`
+    stripped (FSDP2 and compile-in-place keep the names)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def lr_multiplier(name: str, groups: dict[str, float]) -> float:
+    """The multiplier of the longest prefix in `groups` that `name` starts with; 1 if none does."""
+    best = max((prefix for prefix in groups if name.startswith(prefix)), key=len, default=None)
+    return 1.0 if best is None else float(groups[best])
+
+
+def _named_multipliers(model: nn.Module, groups: dict[str, float]) -> list[tuple[str, nn.Parameter, float]]:
+    """(first name, parameter, multiplier) of each distinct parameter. A tied parameter is reached under
+    each of its names (`output.weight` = `tok_embeddings.weight`): all of them must agree."""
+    base = _unwrap(model)
+    names: dict[int, list[str]] = {}
+    for name, p in base.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    out = []
+    for name, p in base.named_parameters():
+        mults = {n: lr_multiplier(n, groups) for n in names[id(p)]}
+        if len(set(mults.values())) > 1:
+            got = ", ".join(f"{n}: {m:g}" for n, m in mults.items())
+            raise ConfigError("optim.groups", f"tied parameter gets different LR multipliers ({got})")
+        out.append((name, p, mults[name]))
+    return out
+
+
+def check_groups(model: nn.Module, cfg: OptimConfig) -> None:
+    """Every prefix of `optim.groups` matches some parameter of `model` (a typo would silently train the
+    part at the full LR), tied parameters agree, and something is left to train. Reads names only: call it
+    at start-up on a model built on the meta device, before the log dir exists."""
+    base = _unwrap(model)
+    names = [n for n, _ in base.named_parameters(remove_duplicate=False)]
+    for prefix in cfg.groups:
+        if not any(n.startswith(prefix) for n in names):
+            raise ConfigError("optim.groups", f"prefix '{prefix}' matches no parameter of the model")
+    named = _named_multipliers(base, cfg.groups)
+    if named and not any(p.requires_grad and mult > 0 for _, p, mult in named):
+        raise ConfigError("optim.groups", "every parameter is frozen (multiplier 0): nothing to train")
+
+
+def freeze(model: nn.Module, cfg: OptimConfig) -> list[str]:
+    """Freeze the parameters whose multiplier is 0 (`requires_grad=False`); returns their names.
+
+    Call it before `Cluster.wrap`: DDP registers the parameters that require grad when it wraps, and one
+    frozen later would never get the gradient its reducer waits for (a DDP model refuses it here). FSDP2
+    copes either way. `build_optimizer` calls it too, so a bare or FSDP2 model is frozen even if the app
+    did not. Idempotent.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = []
+    for name, p, mult in _named_multipliers(model, cfg.groups):
+        if mult != 0:
+            continue
+        if p.requires_grad and isinstance(model, DistributedDataParallel):
+            raise RuntimeError(
+                f"optim.groups freezes {name}, but the model was wrapped for DDP first: call "
+                "freeze(model, cfg.optim) before cluster.wrap(model)"
+            )
+        p.requires_grad_(False)
+        frozen.append(name)
+    return frozen
+
+
+def param_groups(model: nn.Module, weight_decay: float, groups: dict[str, float] | None = None) -> list[dict]:
+    """One group per (LR multiplier, decay): decay only matrices (weights, embeddings); norm gains, biases
+    and other 1-D params are left alone. Frozen parameters (multiplier 0, or no grad) are in none, so they
+    hold no optimizer state. Groups come in the order their multipliers first appear, decay first; each has
+    `lr_mult` (build_optimizer sets `lr` from it)."""
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for mult in dict.fromkeys(m for _, p, m in _named_multipliers(model, groups or {}) if p.requires_grad):
+        buckets[(mult, True)], buckets[(mult, False)] = [], []
+    for _, p, mult in _named_multipliers(model, groups or {}):
+        if p.requires_grad and mult > 0:
+            buckets[(mult, p.ndim >= 2)].append(p)
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_mult": mult}
+        for (mult, decay), params in buckets.items()
+        if params
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW (`optim.name=orthograd`: OrthoAdamW) over `param_groups`; the fused kernel only on CUDA,
-    where it exists and pays off."""
+    """AdamW (`optim.name=orthograd`: OrthoAdamW) over `param_groups`, each at `cfg.lr` x its multiplier;
+    the fused kernel only on CUDA, where it exists and pays off. Checks `optim.groups` against the model
+    and freezes its 0-multiplier parts (see `freeze`: do that before wrapping for DDP)."""
+    check_groups(model, cfg)
+    frozen = freeze(model, cfg)
+    if frozen:
+        logger.info(f"optim.groups freezes {len(frozen)} parameters: {', '.join(frozen)}")
+    groups = param_groups(model, cfg.weight_decay, cfg.groups)
+    for group in groups:
+        group["lr"] = cfg.lr * group["lr_mult"]
     cls = OrthoAdamW if cfg.name == "orthograd" else torch.optim.AdamW
-    return cls(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        fused=device_type == "cuda",
-    )
+    return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device_type == "cuda")
+
+
+def base_lr(optimizer: torch.optim.Optimizer, lrs: list[float]) -> float:
+    """The LR of multiplier 1 among the groups' `lrs` (what a run logs as its LR, whatever part comes
+    first): a group's with `lr_mult` 1 if there is one, else the first group's divided by its multiplier."""
+    mults = [group.get("lr_mult", 1.0) for group in optimizer.param_groups]
+    for mult, lr in zip(mults, lrs):
+        if mult == 1.0:
+            return lr
+    return lrs[0] / mults[0]
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:

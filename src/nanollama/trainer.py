@@ -31,7 +31,7 @@ from .monitor.checkpoint import clear_eval_flag, find_checkpoint
 from .monitor.logger import JsonlWriter
 from .monitor.monitor import Monitor
 from .monitor.run_config import EVAL_MAY_CHANGE, check_against_run
-from .optim import OptimConfig, clip_gradients
+from .optim import OptimConfig, base_lr, clip_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def train_step(
             scaler.step(optimizer)  # optimizer.step() (its own inf check agrees: the same gradients)
             if monitor.ema is not None:
                 monitor.ema.update()
-        metrics = {"lr": lrs[0], "grad_norm": grad_norm}
+        metrics = {"lr": base_lr(optimizer, lrs), "grad_norm": grad_norm}  # multiplier 1's (optim.groups)
         if scaler.is_enabled():
             metrics["loss_scale"] = scaler.get_scale()
             scaler.update()  # an overflowed (skipped) step halves the scale, enough clean steps double it

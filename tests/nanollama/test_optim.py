@@ -79,6 +79,25 @@ def test_build_optimizer_uses_config():
     assert not group["fused"]
 
 
+def test_param_groups_split_by_multiplier_and_skip_frozen():
+    model = TinyLM()
+    groups = param_groups(model, 0.1, {"fc.": 3.0, "head.": 0.0})
+    got = [(g["lr_mult"], g["weight_decay"], [id(p) for p in g["params"]]) for g in groups]
+    assert got == [
+        (1.0, 0.1, [id(model.emb.weight)]),
+        (1.0, 0.0, [id(model.norm.weight), id(model.norm.bias)]),
+        (3.0, 0.1, [id(model.fc.weight)]),
+        (3.0, 0.0, [id(model.fc.bias)]),
+    ]  # head (multiplier 0) is in none
+
+
+def test_build_optimizer_scales_group_lrs_and_freezes():
+    model = TinyLM()
+    opt = build_optimizer(model, cfg(lr=1e-3, groups={"fc.": 3.0, "head.": 0.0}), "cpu")
+    assert [(g["lr_mult"], g["lr"]) for g in opt.param_groups] == [(1.0, 1e-3)] * 2 + [(3.0, 3e-3)] * 2
+    assert not model.head.weight.requires_grad and model.fc.weight.requires_grad
+
+
 # --- schedules --------------------------------------------------------------------------------------
 
 
@@ -214,6 +233,8 @@ def test_scheduler_drives_optimizer_lr_and_resumes():
         ({"steps": 10, "scheduler": "wsd", "warmup": 5, "decay": 6}, "decay", "exceed steps"),
         ({"steps": 10, "rewarm_steps": 11}, "rewarm_steps", "[0, steps=10]"),
         ({"rewarm_from": -1e-3}, "rewarm_from", ">= 0"),
+        ({"groups": {"fc.": -1.0}}, "groups", "'fc.': the LR multiplier must be finite and >= 0"),
+        ({"groups": {"fc.": float("nan")}}, "groups", "must be finite"),
     ],
 )
 def test_check_names_the_key(kwargs, key, text):

@@ -32,7 +32,7 @@ from ...nanollama.init import InitConfig, check_init, load_init_weights, resumes
 from ...nanollama.init import find_init as find_checkpoint_to_start_from
 from ...nanollama.model.transformer import TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
-from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
+from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, freeze
 from ...nanollama.trainer import (
     Training,
     build_text_tokenizer,
@@ -188,6 +188,7 @@ def train(cfg: TrainConfig) -> None:
         # a run's own checkpoint wins over its starting point
         training = build_training(cfg, cluster, loader, init=not resuming, task=task)
         loader = stack.enter_context(loader)
+        freeze(training.model, cfg.optim)  # `optim.groups` multipliers of 0, before DDP registers them
         model = cluster.wrap(training.model)
         optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
         scheduler = build_scheduler(optimizer, cfg.optim)

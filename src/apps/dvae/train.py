@@ -29,7 +29,7 @@ from ...nanollama.config import ConfigError, entrypoint
 from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
 from ...nanollama.init import InitConfig, check_init, load_init, resumes
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
-from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
+from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, freeze
 from ...nanollama.trainer import Training, check_use_ema, eval_weights, seed_everything, train_step
 from .data import DataConfig, GridDataset, GridLoader, GridSet, batch_generator, load_grids, seq_len
 from .evaluation import EvaluationConfig, evaluate
@@ -203,6 +203,7 @@ def train(cfg: TrainConfig) -> None:
         log_skipped(valid_set, "valid", cfg.data.max_size)
         training, state = build_step(cfg, cluster, loader, init=not resuming)
         loader = stack.enter_context(loader)
+        freeze(training.model, cfg.optim)  # `optim.groups` multipliers of 0, before DDP registers them
         model = cluster.wrap(training.model)
         optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
         scheduler = build_scheduler(optimizer, cfg.optim)

@@ -24,7 +24,7 @@ from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment,
 from ...nanollama.init import InitConfig, check_init, load_init, resumes
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
-from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler
+from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, freeze
 from ...nanollama.trainer import (
     Training,
     build_transformer,
@@ -110,6 +110,7 @@ def train(cfg: TrainConfig) -> None:
         monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
         training = build_training(cfg, cluster, stream, init=not resuming)
         stream = stack.enter_context(stream)
+        freeze(training.model, cfg.optim)  # `optim.groups` multipliers of 0, before DDP registers them
         model = cluster.wrap(training.model)
         optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
         scheduler = build_scheduler(optimizer, cfg.optim)

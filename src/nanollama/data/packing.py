@@ -4,7 +4,8 @@
   the tail of a document continues in the next row, and each row carries document ids (counting from 0
   inside the row) so attention can be masked at document boundaries;
 - at each document draw the source is chosen with probability proportional to its weight; each source
-  walks its documents in a per-epoch permutation of (seed, source, epoch), rank r of w taking every w-th;
+  walks its documents in a per-epoch permutation of (seed, source, epoch), rank r of w taking every w-th
+  (both by `SourceSampler`, mixture.py, which the dataset mixtures of other apps share);
 - the state (per-source epoch and position, the RNG, the tokens not yet emitted) is a small JSON object,
   so a resumed stream yields exactly the batches an uninterrupted one would;
 - `consumed()` says how much of each source the stream has read (epochs, documents, tokens), for the
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from .mixture import SourceSampler
 from .text import Tokenizer, demo_documents, read_corpus, split_documents
 
 SPLITS = {"train": 0, "valid": 1}
@@ -175,17 +177,21 @@ class TextStream:
             if len(docs) < world_size:  # a held-out split too small is its fraction's fault
                 key = "valid_fraction" if split == "valid" else f"sources.{i}"
                 raise ConfigError(key, f"source {i} has {len(docs)} {split} documents for {world_size} ranks")
-        weights = np.asarray([s.weight for s in cfg.sources], dtype=np.float64)
-        self.probs = weights / weights.sum()
-        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its shard)
         self._start()
 
     def _start(self) -> None:
-        """The state of a stream that has returned nothing yet."""
+        """The state of a stream that has returned nothing yet. The sampler's sources are endless: the
+        stream's own rule (stop once source 0 ran `epochs`) ends it."""
         n = len(self.sources)
-        self.rng = np.random.default_rng([self.cfg.seed, SPLITS[self.split], self.rank])
-        self.epoch, self.position = [0] * n, [0] * n
-        self.documents, self.tokens = [0] * n, [0] * n  # drawn from each source, for `consumed`
+        self.sampler = SourceSampler(
+            sizes=[len(docs) for docs in self.sources],
+            weights=[s.weight for s in self.cfg.sources],
+            seeds=[self.cfg.seed] * n,
+            draw_seed=[self.cfg.seed, SPLITS[self.split], self.rank],
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        self.tokens = [0] * n  # drawn from each source, for `consumed`
         self.buffer = np.zeros(0, dtype=np.int64)  # tokens drawn but not yet emitted
         self.buffer_docs = np.zeros(0, dtype=np.int64)  # their document ids, counted from the buffer's first
 
@@ -198,29 +204,31 @@ class TextStream:
     def __iter__(self) -> TextStream:
         return self
 
+    @property
+    def epoch(self) -> list[int]:
+        """Completed epochs of each source (the sampler's counters)."""
+        return self.sampler.epoch
+
+    @property
+    def position(self) -> list[int]:
+        return self.sampler.position
+
+    @property
+    def documents(self) -> list[int]:
+        return self.sampler.samples
+
     def shard(self, source: int, epoch: int) -> np.ndarray:
         """This rank's documents of `source` in `epoch`; the remainder mod world_size is dropped so that
         every rank's epoch has the same length."""
-        cached_epoch, order = self._orders.get(source, (-1, None))
-        if cached_epoch != epoch:
-            n = len(self.sources[source])
-            order = np.random.default_rng([self.cfg.seed, source, epoch]).permutation(n)
-            order = order[self.rank : n - n % self.world_size : self.world_size]
-            self._orders[source] = (epoch, order)
-        return order
+        return self.sampler.shard(source, epoch)
 
     def _draw_document(self) -> np.ndarray:
         """The next document of a source chosen by weight; StopIteration once source 0 ran its epochs."""
         if self.cfg.epochs and self.epoch[0] >= self.cfg.epochs:
             raise StopIteration
-        s = int(self.rng.choice(len(self.sources), p=self.probs))
-        shard = self.shard(s, self.epoch[s])
-        doc = self.sources[s][int(shard[self.position[s]])]
-        self.position[s] += 1
-        self.documents[s] += 1
+        s, index = self.sampler.draw()
+        doc = self.sources[s][index]
         self.tokens[s] += len(doc)
-        if self.position[s] == len(shard):
-            self.epoch[s], self.position[s] = self.epoch[s] + 1, 0
         return doc
 
     def _fill(self, n_tokens: int) -> None:
@@ -255,7 +263,7 @@ class TextStream:
         if not self.cfg.epochs:
             raise ValueError("an endless stream (epochs=0) has no length")
         dry = copy.copy(self)
-        dry.sources, dry._orders = [DocumentLengths(docs) for docs in self.sources], {}
+        dry.sources = [DocumentLengths(docs) for docs in self.sources]
         dry._start()
         return sum(1 for _ in dry)
 
@@ -282,12 +290,13 @@ class TextStream:
         return out
 
     def state_dict(self) -> dict:
+        sampler = self.sampler.state_dict()  # the format predates the sampler: its fields, renamed
         return {
-            "epoch": list(self.epoch),
-            "position": list(self.position),
-            "documents": list(self.documents),
+            "epoch": sampler["epoch"],
+            "position": sampler["position"],
+            "documents": sampler["samples"],
             "tokens": list(self.tokens),
-            "rng": self.rng.bit_generator.state,
+            "rng": sampler["rng"],
             "buffer": self.buffer.tolist(),
             "buffer_docs": self.buffer_docs.tolist(),
             "world_size": self.world_size,
@@ -300,10 +309,16 @@ class TextStream:
                 f"stream state for {len(state['epoch'])} sources on {state['world_size']} ranks, "
                 f"this stream has {len(self.sources)} on {self.world_size}"
             )
-        self.epoch, self.position = [int(e) for e in state["epoch"]], [int(p) for p in state["position"]]
         zeros = [0] * len(self.sources)  # states saved before these counters existed
-        self.documents = [int(d) for d in state.get("documents", zeros)]
+        self.sampler.load_state_dict(
+            {
+                **self.sampler.state_dict(),  # sizes and world size, checked above
+                "epoch": state["epoch"],
+                "position": state["position"],
+                "samples": state.get("documents", zeros),
+                "rng": state["rng"],
+            }
+        )
         self.tokens = [int(t) for t in state.get("tokens", zeros)]
-        self.rng.bit_generator.state = state["rng"]
         self.buffer = np.asarray(state["buffer"], dtype=np.int64)
         self.buffer_docs = np.asarray(state["buffer_docs"], dtype=np.int64)

@@ -45,15 +45,20 @@ def sample(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(B, P) tokens with each prompt right-aligned, and (B,) the first real slot of each row."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt, each of at least one token")
-    lengths = torch.tensor([len(p) for p in prompts])
+def left_pad(
+    prompts: Sequence[Sequence[int]], device: torch.device, prefix_lengths: Sequence[int] | None = None
+) -> tuple[Tensor, Tensor]:
+    """(B, P) tokens with each row right-aligned, and (B,) the first real slot of each row. A row is
+    prefix_lengths[b] embedding slots (left as PAD_ID, filled by the caller) then its prompt."""
+    prefix_lengths = prefix_lengths or [0] * len(prompts)
+    lengths = torch.tensor([k + len(p) for k, p in zip(prefix_lengths, prompts)])
+    if not prompts or int(lengths.min()) == 0:
+        raise ValueError("generate needs at least one prompt, each of at least one token or embedding")
     P = int(lengths.max())
     tokens = torch.full((len(prompts), P), PAD_ID, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        tokens[row, P - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        if len(prompt):
+            tokens[row, P - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
     return tokens.to(device), (P - lengths).to(device)
 
 
@@ -69,16 +74,35 @@ torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
 
 
 def prefill(
-    model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    prefix: Sequence[Tensor] | None = None,
+    prefix_lm: bool = False,
 ) -> tuple[Tensor, KVCache]:
-    """Write the prompts into a new cache with room for max_new_tokens more; (B, V) logits of the
-    first new token."""
+    """Write the prompts (each after its `prefix` embeddings, if any) into a new cache with room for
+    max_new_tokens more; (B, V) logits of the first new token. With `prefix_lm` each row's prefix and
+    prompt attend to one another both ways, as a prefix-LM saw them in training."""
     device = model.output.weight.device
-    tokens, start = left_pad(prompts, device)
-    max_len = tokens.shape[1] + max_new_tokens - 1  # the last new token is never fed back
+    k = [0] * len(prompts) if prefix is None else [len(e) for e in prefix]
+    if prefix is not None and len(prefix) != len(prompts):
+        raise ValueError(f"{len(prefix)} prefixes for {len(prompts)} prompts")
+    tokens, start = left_pad(prompts, device, k)
+    P = tokens.shape[1]
+    max_len = P + max_new_tokens - 1  # the last new token is never fed back
     cache = model.new_cache(len(prompts), -(-max_len // CACHE_ROUNDING) * CACHE_ROUNDING, start)
-    cache.attend_to(tokens.shape[1])
-    return model(tokens, cache=cache)[:, -1], cache
+    cache.attend_to(P)
+    embeddings = splice_mask = prefix_len = None
+    if prefix is not None and sum(k):
+        slot = torch.arange(P, device=device)[None, :]
+        splice_mask = (slot >= start[:, None]) & (
+            slot < start[:, None] + torch.tensor(k, device=device)[:, None]
+        )
+        embeddings = torch.cat([e.to(device) for e in prefix])
+    if prefix_lm:
+        prefix_len = P - start  # the whole row, in its own positions
+    logits = model(tokens, embeddings=embeddings, splice_mask=splice_mask, prefix_len=prefix_len, cache=cache)
+    return logits[:, -1], cache
 
 
 def truncate(tokens: list[int], stop_tokens: Sequence[int]) -> list[int]:
@@ -101,6 +125,8 @@ def generate(
     seed: int | None = None,
     compile: bool = False,
     stop_check_every: int = 8,
+    prefix: Sequence[Tensor] | None = None,
+    prefix_lm: bool = False,
 ) -> list[list[int]]:
     """The new tokens of each prompt (prompt excluded): max_new_tokens of them, or fewer when a row
     emits one of `stop_tokens` (kept as its last token; a finished row never changes again).
@@ -108,17 +134,22 @@ def generate(
     temperature 0 is greedy; otherwise sampling, with top_k / top_p filtering, reproducible with `seed`
     (a torch.Generator on the model's device; None: torch's global RNG). Whether every row has finished
     is checked every `stop_check_every` steps, the only host syncs of the loop.
+
+    prefix[b] (k_b, dim): embeddings (e.g. an image's projected patches) that row b reads before its
+    prompt, which may then be empty; `prefix_lm`: prefix and prompt are read bidirectionally (see
+    `prefill`). Decoding after them is causal and cached as for plain prompts.
     """
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
-    logits, cache = prefill(model, prompts, max_new_tokens)
+    logits, cache = prefill(model, prompts, max_new_tokens, prefix, prefix_lm)
     device = logits.device
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     step = _compiled_decode_step if compile else decode_step
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     out = torch.empty(len(prompts), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    n, filled = max_new_tokens, max(len(p) for p in prompts)  # slots filled, counted on the host
+    k = [0] * len(prompts) if prefix is None else [len(e) for e in prefix]
+    n, filled = max_new_tokens, max(len(p) + j for p, j in zip(prompts, k))  # slots filled, on the host
     for i in range(max_new_tokens):
         tokens = sample(logits, temperature, top_k, top_p, generator)
         out[:, i] = tokens

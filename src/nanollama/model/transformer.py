@@ -254,10 +254,32 @@ class Transformer(nn.Module):
             kv_len = T
         return build_mask(base, B, T, kv_len, h.device, self.cfg.attention)
 
+    def embed(
+        self, tokens: Tensor | None, embeddings: Tensor | None = None, splice_mask: Tensor | None = None
+    ) -> Tensor:
+        """The trunk's input (B, T, dim): token embeddings, given `embeddings`, or both spliced.
+
+        With tokens and `splice_mask` (B, T) bool, `embeddings` (n, dim) or (B, k, dim), taken in row-major
+        order, replace the token embeddings where the mask is set (e.g. image patches at placeholder
+        positions): one gather and a `where`, no data-dependent shapes, so it compiles and its gradient
+        reaches the embeddings. The model knows nothing of where they come from."""
+        if tokens is None:
+            if embeddings is None:
+                raise ValueError("forward needs tokens, embeddings, or both with a splice_mask")
+            return embeddings
+        h = self.tok_embeddings(tokens)
+        if embeddings is None:
+            return h
+        if splice_mask is None:
+            raise ValueError("tokens and embeddings together need a splice_mask (where the embeddings go)")
+        return splice(h, embeddings, splice_mask)
+
     def forward(
         self,
-        tokens: Tensor,
+        tokens: Tensor | None = None,
         *,
+        embeddings: Tensor | None = None,
+        splice_mask: Tensor | None = None,
         positions: Tensor | None = None,
         doc_ids: Tensor | None = None,
         prefix_len: Tensor | None = None,
@@ -265,12 +287,24 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """tokens (B, T) -> float32 logits (B, T, vocab_size).
 
+        embeddings: input embeddings instead of tokens (B, T, dim), or spliced into the tokens' where
+        splice_mask (B, T) is set (see `embed`).
         positions (B, T): RoPE positions of each row (default 0..T-1, with a cache the cache's own).
         doc_ids (B, T): document of each token of packed rows; attention never crosses documents.
         prefix_len (B,): length of each row's bidirectional prefix (prefix-LM); the rest stays causal.
         cache: a KVCache the tokens are appended to, attending to everything it holds (generation).
-        Masks from doc_ids, prefix_len and cache are built per call (flex: BlockMask; sdpa: dense).
+        Masks from doc_ids, prefix_len and cache are built once per call, shared by every layer (flex:
+        BlockMask; sdpa: dense); without them the static mask is cached per length.
         """
-        h = self.tok_embeddings(tokens)
+        h = self.embed(tokens, embeddings, splice_mask)
         h = self.trunk(h, positions=positions, doc_ids=doc_ids, prefix_len=prefix_len, cache=cache)
         return self.output(h).float()
+
+
+def splice(h: Tensor, embeddings: Tensor, mask: Tensor) -> Tensor:
+    """h (B, T, dim) with the rows of `embeddings` (n, dim) or (B, k, dim), in row-major order, written
+    where mask (B, T) is set. Extra embeddings are ignored; too few is an index error."""
+    flat = embeddings.reshape(-1, h.shape[-1]).to(h.dtype)
+    index = (mask.flatten().cumsum(0) - 1).clamp_min(0)
+    placed = flat[index].view_as(h)
+    return torch.where(mask[..., None], placed, h)

@@ -145,8 +145,8 @@ class Monitor:
         probe_jsonl = metrics / f"probe_{self.rank}.jsonl"
         self.probe = enter(ActivationProbe(self.cfg.probe, probe_jsonl, self.wandb.log))
         self.preemption = enter(PreemptionHandler())
-        self._tokens = 0
-        self._last_log = (time.perf_counter(), 0)
+        self._tokens, self._samples = 0, 0
+        self._last_log = (time.perf_counter(), 0, 0)
         self._start = time.perf_counter()
         self._start_step = 0
         return self
@@ -274,10 +274,18 @@ class Monitor:
         logger.info("eval " + _fields(record))
 
     def end_step(
-        self, step: int, loss: float, tokens: int, eval_checkpoint: bool = False, **metrics: float
+        self,
+        step: int,
+        loss: float,
+        tokens: int,
+        eval_checkpoint: bool = False,
+        samples: int = 0,
+        **metrics: float,
     ) -> int:
         """Call after each optimizer step with the rank's loss and the global tokens of the step; returns
-        the step the loop goes on from: `step`, or after a rollback the checkpoint's.
+        the step the loop goes on from: `step`, or after a rollback the checkpoint's. Metric lines carry
+        tokens/s over all ranks and per device, and with `samples` (global samples of the step, for apps
+        whose samples are not rows of tokens, e.g. images) samples/s likewise.
 
         `eval_checkpoint` saves an eval-flagged checkpoint, for an evaluation outside this job.
         """
@@ -286,6 +294,7 @@ class Monitor:
         self._rolled_back_to = None
         self.step = step
         self._tokens += tokens
+        self._samples += samples
         with self.phase("monitor"):
             # one tiny collective a step, so every rank stops (or rolls back) at the same step, whoever saw
             # what; flags are summed with the loss, so a flag set anywhere is > 0 everywhere
@@ -401,9 +410,14 @@ class Monitor:
         elapsed = now - self._start
         done = step - self._start_step
         record = {"step": step, "loss": mean_loss, "rank_loss": loss, **metrics}
-        last_time, last_tokens = self._last_log
-        record["tokens_per_s"] = (self._tokens - last_tokens) / max(now - last_time, 1e-9)
-        self._last_log = (now, self._tokens)
+        last_time, last_tokens, last_samples = self._last_log
+        seconds, world = max(now - last_time, 1e-9), self.cluster.world_size
+        record["tokens_per_s"] = (self._tokens - last_tokens) / seconds
+        record["tokens_per_s_per_device"] = record["tokens_per_s"] / world
+        if self._samples:
+            record["samples_per_s"] = (self._samples - last_samples) / seconds
+            record["samples_per_s_per_device"] = record["samples_per_s"] / world
+        self._last_log = (now, self._tokens, self._samples)
         record["eta_s"] = elapsed / max(done, 1) * (self.total_steps - step)
         self.raw.write(record)
         self.wandb.log(record, step=step)

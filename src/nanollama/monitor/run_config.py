@@ -27,7 +27,9 @@ RESUME_MAY_CHANGE = (
     "data.epochs",
     "tokenizer.cache_dir",
 )
-RESUME_FIXED = ("orchestration.seed",)  # within those sections: the data streams follow from it
+# within those sections: the data streams follow from the seed; the optimizer's state holds exactly the
+# parameters the groups leave unfrozen (and their LRs), so the groups must not change under a resume
+RESUME_FIXED = ("orchestration.seed", "optim.groups")
 # An evaluation may also change the RoPE scaling and the batch it reads the data with.
 EVAL_MAY_CHANGE = RESUME_MAY_CHANGE + (
     *(f"model.rope_{k}" for k in ("scaling", "factor", "original_length", "beta_fast", "beta_slow")),
