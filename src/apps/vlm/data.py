@@ -307,7 +307,7 @@ class Processor:
 class Batch:
     tokens: Tensor  # (B, seq_len + 1)
     splice_mask: Tensor  # (B, seq_len) bool: input positions that are image slots
-    images: Tensor  # (n_images, 3, S, S), rows in order
+    images: Tensor  # (B, 3, S, S): a blank for text rows
     prefix_len: Tensor  # (B,) image + bos + prompt (0 for text rows)
     loss_mask: Tensor  # (B, seq_len) bool: targets that count
     tasks: list[str]  # per row
@@ -369,9 +369,9 @@ class RowBuilder:
             loss_mask[b, first : len(ids) - 1] = True
             if sample.image is not None and k:
                 images.append(self.processor(sample.image))
-        size = self.processor.size
-        stacked = torch.stack(images) if images else torch.zeros(0, 3, size, size)
-        return Batch(tokens, splice, stacked, prefix, loss_mask, [s.task for s in samples])
+            else:  # a blank: every row has an image (static shapes, see model.py)
+                images.append(torch.zeros(3, self.processor.size, self.processor.size))
+        return Batch(tokens, splice, torch.stack(images), prefix, loss_mask, [s.task for s in samples])
 
     def max_answer_tokens(self, datasets: list[Any]) -> int:
         """The longest answer (with its eos) of image datasets, for generation's budget."""

@@ -48,6 +48,9 @@ def read_png(path: str) -> np.ndarray:
         raise ConfigError("image", f"file not found: {path}")
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I"):  # 16-bit grey: PIL's RGB conversion would clip it at 255
+                grey = np.asarray(img, dtype=np.float32) / 65535.0
+                return np.repeat(np.clip(grey, 0, 1)[:, :, None], 3, axis=2)
             return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     except Exception as e:  # noqa: BLE001 (not an image, truncated: the same one line)
         raise ConfigError("image", f"cannot read {path} as an image ({type(e).__name__})") from None

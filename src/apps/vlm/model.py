@@ -5,9 +5,9 @@ richer image tokens), projected to the LM's width and spliced into the LM's inpu
 slots. The LM reads image + prompt bidirectionally under `vlm.prefix_lm` (PaliGemma) and the answer
 causally. Module names (`vision.`, `projector.`, `lm.`) are what `optim.groups` prefixes refer to.
 
-A batch with no image (text-only rows only) still runs the encoder and projector on one blank image and
-adds 0 x their output to the loss: every rank then uses every parameter every step, so DDP needs no
-unused-parameter search and FSDP's collectives stay in step across ranks.
+Every row of a batch carries an image, a blank one for text-only rows (whose image slots keep their token
+embeddings): batches have static shapes (one compiled graph), and every rank uses every parameter every
+step, so DDP needs no unused-parameter search and FSDP's collectives stay in step across ranks.
 """
 
 from __future__ import annotations
@@ -36,12 +36,17 @@ class VLMConfig:
     prefix_lm: bool = True  # image + prompt attend both ways; False: all causal
     loss: str = "answer"  # answer: answer tokens only | text: prompt and answer tokens
     blind: bool = False  # the text-only baseline: the LM never sees the image (no encoder is built)
+    projector_std: float = 0.0  # std of the image tokens at init for unit-scale patches; 0: the LM's init_std
 
     def check(self) -> None:
         if self.projector not in PROJECTORS:
             raise ConfigError("projector", f"must be one of {', '.join(PROJECTORS)}, got {self.projector!r}")
         if self.loss not in LOSSES:
             raise ConfigError("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.projector_std < 0:
+            raise ConfigError(
+                "projector_std", f"must be >= 0 (0: the LM's init_std), got {self.projector_std}"
+            )
         if self.pixel_shuffle < 1:
             raise ConfigError("pixel_shuffle", f"must be >= 1, got {self.pixel_shuffle}")
 
@@ -99,7 +104,8 @@ class VLM(nn.Module):
             nn.init.normal_(fc1.weight, std=1 / math.sqrt(fc1.in_features))
             nn.init.zeros_(fc1.bias)
             nn.init.zeros_(fc2.bias)
-        nn.init.normal_(last.weight, std=self.lm.cfg.init_std / math.sqrt(last.in_features))
+        std = self.cfg.projector_std or self.lm.cfg.init_std
+        nn.init.normal_(last.weight, std=std / math.sqrt(last.in_features))
 
     def image_embeddings(self, images: Tensor) -> Tensor:
         """(n, 3, S, S) normalised pixels -> (n, image tokens, lm dim)."""
@@ -112,14 +118,13 @@ class VLM(nn.Module):
         prefix_len = batch.prefix_len if self.cfg.prefix_lm else None
         if self.vision is None:
             return self.lm(tokens, prefix_len=prefix_len)
-        if batch.images.shape[0] == 0:
-            logits = self.lm(tokens, prefix_len=prefix_len)
-            if torch.is_grad_enabled():  # see the module docstring: keep every parameter in use
-                images = batch.images.new_zeros(1, *batch.images.shape[1:])
-                logits = logits + 0.0 * self.image_embeddings(images).sum()
-            return logits
-        embeddings = self.image_embeddings(batch.images)
-        return self.lm(tokens, embeddings=embeddings, splice_mask=batch.splice_mask, prefix_len=prefix_len)
+        # Every row carries an image (a blank one for text rows, whose slots keep their token embeddings):
+        # static shapes for torch.compile, and every parameter in use on every rank at every step.
+        images = self.image_embeddings(batch.images)
+        h = self.lm.embed(tokens)
+        k = self.n_image_tokens
+        placed = torch.where(batch.splice_mask[:, :k, None], images.to(h.dtype), h[:, :k])
+        return self.lm(embeddings=torch.cat([placed, h[:, k:]], dim=1), prefix_len=prefix_len)
 
     @torch.no_grad()
     def answer(

@@ -28,7 +28,7 @@ from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment,
 from ...nanollama.init import InitConfig, check_init, load_init, resumes
 from ...nanollama.model.attention import batch_mask_error, flex_backward_available
 from ...nanollama.model.transformer import TransformerConfig
-from ...nanollama.model.vision import VisionConfig, siglip_config
+from ...nanollama.model.vision import VisionConfig, load_siglip, siglip_config
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, check_groups, freeze
 from ...nanollama.trainer import Training, check_use_ema, eval_weights, seed_everything, train_step
@@ -86,10 +86,12 @@ class TrainConfig:
                     mine, theirs = self.vision.hidden_dim, found.hidden_dim
                 if mine != theirs:
                     raise ConfigError(f"vision.{key}", f"{mine}, but {self.vision.pretrained} has {theirs}")
+            load_siglip(self.vision.pretrained)  # its tensors read and shape-checked: a bad file exits here
         build = partial(build_model, self, training=False, device=torch.device("meta"))
         check_init(self.init, build)
         with torch.device("meta"):
             check_groups(build(), self.optim)
+        check_finite_length(self, world)
         micro = micro_batch_size(self.data.batch_size, world, self.optim.accumulation_steps)
         rows_per_forward = max(micro, self.evaluation.batch_size)
         backend = self.model.attention if flex_backward_available(self.cluster.device_type) else "sdpa"
@@ -144,24 +146,44 @@ def build_model(cfg: TrainConfig, training: bool, device: torch.device) -> VLM:
 
 def build_mixture(cfg: TrainConfig, rows: RowBuilder, cluster: Cluster) -> Mixture:
     """This rank's share of the training mixture, `micro` samples a batch."""
+    collate = lambda picks: rows([sample for _, sample in picks])  # noqa: E731
+    return _mixture(cfg, collate, cluster.rank, cluster.world_size)
+
+
+def _mixture(cfg: TrainConfig, collate: Any, rank: int, world: int) -> Mixture:
     data = cfg.data
-    micro = micro_batch_size(data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
+    micro = micro_batch_size(data.batch_size, world, cfg.optim.accumulation_steps)
     try:
         return Mixture(
             [build_dataset(d, data, "train") for d in data.datasets],
             [d.name for d in data.datasets],
             [d.weight for d in data.datasets],
             micro,
-            lambda picks: rows([sample for _, sample in picks]),
+            collate,
             seed=data.seed,
             seeds=[d.seed if d.seed >= 0 else data.seed for d in data.datasets],
             epochs=[d.epochs for d in data.datasets],
             stop_after=(data.epochs_of, data.epochs) if data.epochs else None,
-            rank=cluster.rank,
-            world_size=cluster.world_size,
+            rank=rank,
+            world_size=world,
         )
     except ValueError as e:
         raise ConfigError("data.datasets", str(e)) from None
+
+
+def check_finite_length(cfg: TrainConfig, world: int) -> None:
+    """With an epoch cap on every dataset (and no `data.epochs`) the data ends: `optim.steps` must fit in
+    it on every rank, else the run would die mid-way with the log dir half-written."""
+    if cfg.data.epochs or not all(d.epochs for d in cfg.data.datasets):
+        return
+    batches = min(_mixture(cfg, lambda picks: picks, r, world).count_batches() for r in range(world))
+    steps = batches // cfg.optim.accumulation_steps
+    if cfg.optim.steps > steps:
+        raise ConfigError(
+            "optim.steps",
+            f"{cfg.optim.steps}, but the epoch caps of data.datasets end the data after {steps} steps "
+            "(lower optim.steps, use data.epochs, or leave a dataset endless with epochs: 0)",
+        )
 
 
 def build_training(cfg: TrainConfig, cluster: Cluster, loader: Any = None, init: bool = True) -> Training:

@@ -39,9 +39,14 @@ EVAL_MAY_CHANGE = RESUME_MAY_CHANGE + (
 AUTO_ZERO = ("model.vocab_size",)
 
 
+# Mappings compared as one value: a prefix added to or dropped from `optim.groups` changes the run too.
+WHOLE = ("optim.groups",)
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys to leaf values; lists are leaves (a GSSM graph or the sources compare whole)."""
-    if not isinstance(tree, dict):
+    """Dotted keys to leaf values; lists are leaves (a GSSM graph or the sources compare whole), and so
+    are the mappings of WHOLE."""
+    if not isinstance(tree, dict) or prefix in WHOLE:
         return {prefix: tree}
     flat: dict[str, Any] = {}
     for key, value in tree.items():

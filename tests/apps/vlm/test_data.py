@@ -105,7 +105,8 @@ def test_rows_mask_the_answer_the_prefix_and_the_image_slots():
     batch = rows()([sample, Sample(None, "", "hello world", "text")])
     prompt = [tok.bos, *tok.encode("Is it even?")]
     k, answer = 4, tok.encode("no") + [tok.eos]
-    assert batch.tokens.shape == (2, 49) and batch.images.shape == (1, 3, 16, 16)
+    assert batch.tokens.shape == (2, 49) and batch.images.shape == (2, 3, 16, 16)
+    assert not batch.images[1].any()  # a blank for the text row: static shapes
     assert batch.splice_mask[0].tolist() == [True] * k + [False] * 44 and not batch.splice_mask[1].any()
     assert batch.prefix_len.tolist() == [k + len(prompt), 0]
     assert batch.tokens[0, k : k + len(prompt) + len(answer)].tolist() == prompt + answer

@@ -68,6 +68,7 @@ def test_debug_trains_its_loss_falls_and_its_checkpoints_record_the_data(debug_r
     assert "data plan: digits:" in log and "epochs" in log
 
 
+@pytest.mark.slow
 def test_eval_and_generate_read_the_checkpoint(debug_run, tmp_path):
     out = run_module("src.apps.vlm.eval", f"config={debug_run}/config.yaml", "evaluation.samples=30")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -159,3 +160,52 @@ def test_two_ranks_train_a_frozen_encoder(tmp_path, parallelism):
         for r in (0, 1)
     ]
     assert [r["sources"][0]["shard"] for r in records] == ["0/2", "1/2"]
+
+
+@pytest.mark.slow
+def test_the_encoder_starts_from_siglip_and_the_lm_from_an_imported_llama(tmp_path):
+    """vision.pretrained loads a Hugging Face SiglipVisionModel folder; init.checkpoint with a prefix map
+    loads an imported HF Llama into `lm.`; frozen, both are still those weights after training."""
+    transformers = pytest.importorskip("transformers")
+    from src.nanollama.hf import import_hf
+    from src.nanollama.model.vision import load_siglip
+
+    torch.manual_seed(0)
+    siglip = tmp_path / "siglip"
+    vision_cfg = transformers.SiglipVisionConfig(
+        hidden_size=16,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=4,
+    )
+    transformers.SiglipVisionModel(vision_cfg).save_pretrained(siglip)
+    llama, imported = tmp_path / "llama", tmp_path / "imported"
+    llama_cfg = transformers.LlamaConfig(
+        vocab_size=262, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(llama_cfg).save_pretrained(llama)
+    import_hf(llama, imported)
+    args = [
+        *TINY,
+        "model.ffn_dim=96",
+        f"vision.pretrained={siglip}",
+        f"init.checkpoint={imported}",
+        'init.prefix_map={"": lm.}',
+        "optim.groups={vision.: 0.0, lm.: 0.0}",
+        "optim.steps=3",
+    ]
+    log_dir = tmp_path / "run"
+    train(log_dir, *args)
+    weights = final_weights(log_dir)
+    _, siglip_state = load_siglip(siglip)
+    assert all(torch.equal(weights[f"vision.{k}"], v) for k, v in siglip_state.items())
+    llama_state = torch.load(imported / "model.pt", weights_only=True)
+    assert all(torch.equal(weights[f"lm.{k}"], v) for k, v in llama_state.items())
+    assert "initialised" in (log_dir / "logs" / "rank_0.log").read_text()
+    out = run_module(
+        "src.apps.vlm.train", CONFIG, f"orchestration.log_dir={tmp_path / 'bad'}", *args, "vision.dim=32"
+    )
+    assert_bad_input(out, "vision.dim: 32, but", tmp_path / "bad")
