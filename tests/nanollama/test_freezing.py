@@ -367,9 +367,9 @@ def test_gpt_frozen_layer_stays_at_init_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_gpt_two_ranks_keep_the_frozen_layer_at_init(tmp_path, parallelism):
-    args = ["optim.steps=4", f"cluster.parallelism={parallelism}"]
+def test_gpt_two_ranks_keep_the_frozen_layer_at_init(tmp_path):
+    """DDP registers parameters when it wraps: the app freezes before (FSDP is covered by the VLM's test)."""
+    args = ["optim.steps=4", "cluster.parallelism=ddp"]
     log_dir = tmp_path / "run"
     out = run_module("src.apps.gpt.train", CONFIG, f"orchestration.log_dir={log_dir}", *GPT, *args, nproc=2)
     assert out.returncode == 0, out.stderr[-3000:]

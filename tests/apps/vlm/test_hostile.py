@@ -58,19 +58,16 @@ def test_epoch_caps_shorter_than_the_run_exit_2_before_the_log_dir(tmp_path):
     assert_bad_input(out, "optim.steps", log_dir)
 
 
-@pytest.mark.slow
-def test_a_resume_that_adds_or_drops_a_group_exits_2(tmp_path):
-    log_dir = tmp_path / "run"
-    out = train(log_dir, "optim.steps=2", "optim.groups={vision.: 0.0}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    before = sorted(p.name for p in (log_dir / "checkpoints").iterdir())
-    for groups in ("optim.groups={vision.: 0.0, lm.: 2.0}", None):  # a prefix added, then every one dropped
-        out = train(log_dir, "optim.steps=4", *([groups] if groups else []))
-        assert out.returncode == 2, out.stderr[-3000:]
-        lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and "optim.groups" in lines[0], out.stderr
-        # the checkpoint is untouched (not moved aside as corrupt by a failed optimizer load)
-        assert sorted(p.name for p in (log_dir / "checkpoints").iterdir()) == before
+def test_a_resume_that_adds_or_drops_a_group_is_refused(tmp_path):
+    """optim.groups is compared whole: an added or dropped prefix is a change (flattened, it slipped by)."""
+    from src.nanollama.monitor.run_config import RESUME_FIXED, config_changes
+
+    saved = {"optim": {"groups": {"vision.": 0.0}, "lr": 1e-3}}
+    for groups in ({"vision.": 0.0, "lm.": 2.0}, {}):
+        ours = {"optim": {"groups": groups, "lr": 2e-3}}
+        changes = {k: (old, new) for k, old, new in config_changes(saved, ours)}
+        assert changes["optim.groups"] == ({"vision.": 0.0}, groups) and "optim.groups" in RESUME_FIXED
+    assert "optim.groups" not in dict((k, 0) for k, *_ in config_changes(saved, saved))
 
 
 def test_a_16_bit_grey_png_keeps_its_grey(tmp_path):

@@ -131,17 +131,32 @@ def test_the_run_lasts_the_epochs_of_a_named_dataset(tmp_path):
     "args, needle",
     [
         (["data.seq_len=16"], "data.seq_len: 16 is too short"),
-        (["data.epochs_of=nope", "data.epochs=1"], "data.epochs_of"),
-        (["optim.groups={visio.: 0.0}"], "optim.groups: prefix 'visio.'"),
-        (["vision.pretrained=/nonexistent/siglip"], "vision.pretrained"),
-        (["vlm.pixel_shuffle=3"], "vlm.pixel_shuffle"),
-        (["data.datasets=[{name: a, kind: video}]"], "kind"),
+        (["optim.groups={visio.: 0.0}"], "prefix 'visio.'"),
     ],
 )
 def test_bad_input_exits_2_before_the_log_dir(tmp_path, args, needle):
     log_dir = tmp_path / "run"
     out = run_module("src.apps.vlm.train", CONFIG, f"orchestration.log_dir={log_dir}", *args)
     assert_bad_input(out, needle, log_dir)
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["data.epochs_of=nope", "data.epochs=1"], "data.epochs_of"),
+        (["vision.pretrained=/nonexistent/siglip"], "vision.pretrained"),
+        (["vlm.pixel_shuffle=3"], "vlm.pixel_shuffle"),
+        (["data.datasets=[{name: a, kind: video}]"], "kind"),
+    ],
+)
+def test_bad_config_names_the_key(args, key):
+    """The same checks in process (the exit-2 path is the one above): each names its key."""
+    from src.apps.vlm.train import TrainConfig
+    from src.nanollama.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, [CONFIG, *args])
+    assert key in e.value.key
 
 
 @pytest.mark.slow
