@@ -3,6 +3,7 @@ compile wrappers are seen through, and the metric file resumes like the others."
 
 from __future__ import annotations
 
+import gc
 import math
 
 import numpy as np
@@ -191,6 +192,7 @@ def test_sees_through_ddp_and_compile_wrappers(tmp_path):
     assert unwrap(torch.compile(model)) is model  # the function form wraps; not compiled until called
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    ddp = None
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         assert unwrap(ddp) is model
@@ -199,6 +201,11 @@ def test_sees_through_ddp_and_compile_wrappers(tmp_path):
         line = read_jsonl(tmp_path / "probe_0.jsonl")[0]
         assert "layer_2/attn_entropy" in line and line["layer_1/grad_norm"] > 0
     finally:
+        # DDP's reducer holds the process group: freed after destroy_process_group, its gloo threads can
+        # hang in the join (seen once in a clean-clone CI); free it first, after a barrier
+        del ddp
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
