@@ -313,11 +313,8 @@ class Batch:
     tasks: list[str]  # per row
 
     def to(self, device: torch.device) -> Batch:
-        move = {
-            k: getattr(self, k).to(device, non_blocking=True) for k in ("tokens", "splice_mask", "images")
-        }
-        rest = {k: getattr(self, k).to(device, non_blocking=True) for k in ("prefix_len", "loss_mask")}
-        return Batch(**move, **rest, tasks=self.tasks)
+        names = ("tokens", "splice_mask", "images", "prefix_len", "loss_mask")
+        return Batch(**{k: getattr(self, k).to(device, non_blocking=True) for k in names}, tasks=self.tasks)
 
 
 class RowBuilder:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
 from ...nanollama.config import ConfigError, entrypoint
@@ -77,7 +78,14 @@ class TrainConfig:
         rows = row_builder(self, tokenizer)
         for d in self.data.datasets:
             prompt, answer = longest_texts(d.kind)
-            rows.row(Sample(None if d.kind == "text" else _blank(), prompt, answer, d.kind))
+            rows.row(
+                Sample(
+                    None if d.kind == "text" else np.zeros((1, 1, 3), dtype=np.float32),
+                    prompt,
+                    answer,
+                    d.kind,
+                )
+            )
         if self.vision.pretrained and not self.vlm.blind:
             found = siglip_config(self.vision.pretrained)
             for key in VISION_KEYS:
@@ -97,12 +105,6 @@ class TrainConfig:
         backend = self.model.attention if flex_backward_available(self.cluster.device_type) else "sdpa"
         if why := batch_mask_error(backend, self.cluster.device_type, rows_per_forward, self.data.seq_len):
             raise ConfigError("data.seq_len", why)
-
-
-def _blank() -> Any:
-    import numpy as np
-
-    return np.zeros((1, 1, 3), dtype=np.float32)
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
