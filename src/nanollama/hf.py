@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 from torch import Tensor
 
 from .config import ConfigError, build_config, cli_main, to_dict
+from .extras import require
 from .model.io import EMA_WEIGHTS, WEIGHTS, check_weights, load_model_config, load_weights, save_model
 from .model.rope import RopeScaling, ntk_theta, rope_frequencies
 from .model.transformer import TransformerConfig
@@ -250,13 +251,9 @@ def _same_rope(a: TransformerConfig, b: TransformerConfig) -> bool:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _safetensors() -> Any:
+def _safetensors(feature: str = "Hugging Face interop") -> Any:
     """Imported on use only: training never needs it."""
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise ConfigError("safetensors", "not installed (pip install safetensors)") from None
-    return safetensors.torch
+    return require("safetensors.torch", "hf", feature)
 
 
 @contextlib.contextmanager
@@ -340,7 +337,8 @@ class ExportArgs:
     ema: bool = False  # export the EMA of the weights (ema.pt) instead of model.pt
 
     def check(self) -> None:
-        _require(self)
+        _check_required(self)
+        _safetensors("src.nanollama.hf export")
 
 
 @dataclass
@@ -349,10 +347,11 @@ class ImportArgs:
     out: str = ""  # the checkpoint folder to create
 
     def check(self) -> None:
-        _require(self)
+        _check_required(self)
+        _safetensors("src.nanollama.hf import")
 
 
-def _require(args: Any) -> None:
+def _check_required(args: Any) -> None:
     for f in dataclasses.fields(args):
         if f.type in ("str", str) and not getattr(args, f.name):
             raise ConfigError(f.name, "required")

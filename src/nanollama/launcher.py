@@ -19,7 +19,6 @@ sweep folder gets the task configs, a snapshot of the code the tasks run from, a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import importlib.util
@@ -37,15 +36,21 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from .config import (
+    DEFAULTS,
     ConfigError,
+    FileError,
     build_config,
+    check_presets,
     cli_main,
+    config_layers,
     merge_config,
+    merge_layers,
     parse_cli,
-    read_yaml,
+    preset_layers,
     to_dict,
     to_yaml,
 )
+from .extras import MissingExtra
 from .jobs import Command, SlurmConfig, clean_environment, sbatch_parameters, slurm_available, submit
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (or snapshot) this code runs from
@@ -167,24 +172,39 @@ def _check_key(base: DictConfig, key: str, cls: type) -> None:
         raise ConfigError(f"grid.{key}", f"not a key of the run config ({cls.__name__})")
 
 
-def build_tasks(cls: type, run_data: dict, overrides: list[str], points: list[dict], sweep: LauncherConfig):
-    """Every task's validated config, each with its own log dir under the sweep folder."""
+def build_tasks(
+    cls: type, layers: list[tuple[str, dict]], overrides: list[str], points: list[dict], sweep: LauncherConfig
+):
+    """Every task's validated config, each with its own log dir under the sweep folder. `layers` are the
+    config file's presets, then its own keys (see `config.config_layers`); a grid's `defaults` value is
+    a list of presets merged after the file's presets and before its own keys, like its `defaults:`."""
+    run_data = merge_layers(layers)
     base = merge_config(cls, run_data, overrides)
     for key in points[0]:
-        _check_key(base, key, cls)
-    plain = OmegaConf.merge(OmegaConf.create(run_data), OmegaConf.from_dotlist(overrides))
+        if key != DEFAULTS:
+            _check_key(base, key, cls)
     eval_script = _sibling_eval(sweep)
+    origin = f"{layers[-1][0]}: grid.{DEFAULTS}" if layers else f"grid.{DEFAULTS}"
     tasks = []
     for i, values in enumerate(points):
-        data = copy.deepcopy(plain)
+        task_layers = layers
+        if DEFAULTS in values:
+            entries = values[DEFAULTS]  # one preset may be written without its list
+            presets = preset_layers([entries] if isinstance(entries, str) else entries, origin)
+            check_presets(cls, presets)
+            task_layers = layers[:-1] + presets + layers[-1:]
+        data = OmegaConf.merge(OmegaConf.create(merge_layers(task_layers)), OmegaConf.from_dotlist(overrides))
         for key, value in values.items():
-            OmegaConf.update(data, key, value, merge=False)
+            if key != DEFAULTS:
+                OmegaConf.update(data, key, value, merge=False)
         OmegaConf.update(data, "orchestration.name", f"{sweep.name}_{i}", merge=False)
         OmegaConf.update(
             data, "orchestration.log_dir", str(Path(sweep.log_dir) / "runs" / str(i)), merge=False
         )
         try:
             cfg = build_config(cls, OmegaConf.to_container(data), [])
+        except MissingExtra:  # the same for every task
+            raise
         except ConfigError as e:
             where = ", ".join(f"{k}={v}" for k, v in values.items()) or "the only task"
             raise ConfigError(e.key, f"{e.message} (task {i}: {where})") from None
@@ -364,7 +384,13 @@ def task_commands(sweep: LauncherConfig, n_tasks: int) -> list[Command]:
 def load_launch(argv: list[str]) -> tuple[LauncherConfig, list[Task], dict]:
     """Parse and check everything; nothing is written."""
     config, launcher_overrides, grid_overrides, run_overrides = split_cli(argv)
-    data = read_yaml(config) if config else {}
+    layers = config_layers(config) if config else []
+    data = merge_layers(layers)
+    for path, layer in layers[:-1]:  # a preset's launcher keys are named with its file
+        try:
+            merge_config(LauncherConfig, layer.get("launcher") or {})
+        except ConfigError as e:
+            raise FileError(path, str(e.prefixed("launcher"))) from None
     try:
         sweep = build_config(LauncherConfig, data.get("launcher") or {}, launcher_overrides)
     except ConfigError as e:
@@ -373,8 +399,9 @@ def load_launch(argv: list[str]) -> tuple[LauncherConfig, list[Task], dict]:
     grid = OmegaConf.to_container(
         OmegaConf.merge(OmegaConf.create(data.get("grid") or {}), OmegaConf.from_dotlist(grid_overrides))
     )
-    run_data = {k: v for k, v in data.items() if k not in ("launcher", "grid")}
-    plain = OmegaConf.merge(OmegaConf.create(run_data), OmegaConf.from_dotlist(run_overrides))
+    run_layers = [(path, {k: v for k, v in d.items() if k not in ("launcher", "grid")}) for path, d in layers]
+    check_presets(cls, run_layers[:-1])
+    plain = OmegaConf.merge(OmegaConf.create(merge_layers(run_layers)), OmegaConf.from_dotlist(run_overrides))
     sweep.name = sweep.name or OmegaConf.select(plain, "orchestration.name", default=None) or "sweep"
     sweep.log_dir = str(Path(sweep.log_dir or f"runs/{sweep.name}").resolve())
     for protected in (Path.cwd().resolve(), ROOT):
@@ -384,7 +411,7 @@ def load_launch(argv: list[str]) -> tuple[LauncherConfig, list[Task], dict]:
         sweep.mode = "sbatch" if slurm_available() else "bash"
     if sweep.mode == "sbatch" and not slurm_available():
         raise ConfigError("launcher", "sbatch: SLURM is not installed here (no sbatch); use launcher=bash")
-    tasks = build_tasks(cls, run_data, run_overrides, expand_grid(grid), sweep)
+    tasks = build_tasks(cls, run_layers, run_overrides, expand_grid(grid), sweep)
     if Path(sweep.log_dir).exists() and not sweep.overwrite:
         raise ConfigError("launcher.log_dir", f"{sweep.log_dir} exists; pass overwrite=true to replace it")
     return sweep, tasks, grid

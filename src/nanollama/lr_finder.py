@@ -39,6 +39,7 @@ import torch
 
 from .config import ConfigError, RunError, build_config, cli_main, load_config, to_dict
 from .distributed import Cluster
+from .extras import MissingExtra, require
 from .launcher import config_class
 from .monitor.logger import setup_logging
 from .optim import ClipState, build_optimizer
@@ -253,9 +254,9 @@ def _write(result: LRFinderResult, finder: LRFinderConfig, cfg: Any) -> None:
 def _plot(result: LRFinderResult, path: Path) -> bool:
     """Loss and smoothed loss against LR (log axis), the suggestion marked; needs plotly."""
     try:
-        import plotly.graph_objects as go
-    except ImportError:
-        logger.info("plotly is not installed (pip install plotly): no plot")
+        go = require("plotly.graph_objects", "notebooks", "the LR finder's plot")
+    except MissingExtra as e:  # the plot is a nicety: the CSV and JSON are written anyway
+        logger.info(f"{e} (no plot)")
         return False
     fig = go.Figure()
     fig.add_scatter(x=result.lrs, y=result.losses, mode="lines", name="loss", opacity=0.4)

@@ -7,7 +7,10 @@ installed or started (no root, no apt).
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from src.nanollama.jobs import squeue_jobs
 from src.nanollama.monitor.checkpoint import has_eval_flag, list_checkpoints
 from src.nanollama.monitor.logger import read_jsonl
 from src.nanollama.monitor.results import load_sweep, sweep_status
-from tests.conftest import ROOT, losses, run_module
+from tests.conftest import ROOT, child_env, losses, run_module
 from tests.nanollama.test_launcher import SWEEP, TINY, TRAIN, launch
 
 pytestmark = pytest.mark.slow
@@ -144,3 +147,95 @@ def test_same_sweep_through_bash(tmp_path):
     assert out.returncode == 0, out.stderr
     assert list(sweep_status(log_dir)["state"]) == ["done"] * 4
     assert sorted(set(load_sweep(log_dir)["task"])) == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------- stop
+
+
+def free_port_pair() -> int:
+    """A port p with p + 1 free too (slurmctld's and slurmd's), away from the module's SLURM."""
+    for port in range(6900, 7000, 2):
+        try:
+            for p in (port, port + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    pytest.skip("no free port pair in 6900-6999")
+
+
+def processes_of(conf: Path) -> list[str]:
+    """Command lines of the live processes (zombies are dead) with SLURM_CONF=conf in their environment:
+    the daemons' slurmstepds and every job process (the submitter's environment travels with the job)."""
+    needle = f"SLURM_CONF={conf}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle not in (proc / "environ").read_bytes().split(b"\0") or not alive(int(proc.name)):
+                continue
+            argv = (proc / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        found.append(f"{proc.name}: " + " ".join(a.decode(errors="replace") for a in argv))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_stop_cancels_running_jobs_and_leaves_none_of_their_processes():
+    """`stop` while a job runs: its srun and slurmstepds would wait forever on the stopped controller; they
+    must be cancelled and gone, then the daemons. Twice: a job that ends on SLURM's SIGTERM, then one whose
+    task ignores it (killed once the bounded wait is over), the SLURM restarted in between. On a SLURM of
+    its own (its own folder and ports), so the module's SLURM and its jobs are untouched."""
+    script = ROOT / "launcher" / "slurm_local.sh"
+    folder = Path(tempfile.mkdtemp(prefix="nanollama-slurm-stop-", dir="/tmp"))  # short: a socket lives there
+    env = child_env(NANOLLAMA_SLURM_DIR=str(folder), NANOLLAMA_SLURM_PORT=str(free_port_pair()))
+    conf = folder / "slurm.conf"
+
+    def local(command: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(script), command], env={**env, **extra}, capture_output=True, text=True, timeout=120
+        )
+
+    def stop_while_running(task: str, seconds: str, **extra: str) -> tuple[str, float]:
+        started = local("start")
+        assert started.returncode == 0 and "idle" in started.stdout, started.stderr + started.stdout
+        daemons = [int((folder / f"{name}.pid.bg").read_text()) for name in ("slurmctld", "slurmd", "munged")]
+        sbatch = ["sbatch", "-o", str(folder / "job.out"), "--wrap", f"srun {task}"]
+        job_env = {**env, "SLURM_CONF": str(conf)}
+        job = subprocess.run(sbatch, env=job_env, capture_output=True, text=True, check=True).stdout.split()[
+            -1
+        ]
+        wait_until(
+            lambda: any(p.endswith(f"sleep {seconds}") for p in processes_of(conf) if "srun" not in p),
+            timeout=60,
+            what=f"job {job}'s task to start",
+        )
+        running = processes_of(conf)
+        assert any("slurmstepd" in p for p in running) and any("srun" in p for p in running), running
+        t0 = time.time()
+        stopped = local("stop", **extra)
+        took = time.time() - t0
+        assert stopped.returncode == 0 and "SLURM stopped" in stopped.stdout, stopped.stderr
+        assert f"cancelling job(s) {job}" in stopped.stdout
+        assert processes_of(conf) == []  # no slurmstepd, srun or sleep of the job, no daemon
+        assert not any(alive(pid) for pid in daemons)
+        return stopped.stdout, took
+
+    try:
+        out, took = stop_while_running("sleep 3171", "3171")
+        assert "leftover" not in out and took < 20, (out, took)  # ends on SIGTERM: no waiting out the bound
+        ignoring = "bash -c \"trap '' TERM; sleep 3172\""  # outlives SLURM's SIGTERM (KillWait is 30 s)
+        out, took = stop_while_running(ignoring, "3172", NANOLLAMA_SLURM_STOP_WAIT="3")
+        assert "killing leftover job processes" in out and took < 20, (out, took)
+    finally:
+        local("stop")
+        shutil.rmtree(folder, ignore_errors=True)
+    assert processes_of(conf) == []

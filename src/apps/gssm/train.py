@@ -23,6 +23,8 @@ from ...nanollama.config import ConfigError, entrypoint
 from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
 from ...nanollama.init import InitConfig, check_init, load_init, resumes
 from ...nanollama.model.transformer import Transformer, TransformerConfig
+from ...nanollama.monitor.early_stopping import EarlyStopping
+from ...nanollama.monitor.logger import read_jsonl
 from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
 from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, freeze
 from ...nanollama.trainer import (
@@ -119,8 +121,10 @@ def train(cfg: TrainConfig) -> None:
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         logger.info(f"training from step {step} to {cfg.optim.steps}, {micro} sequences/rank/micro-step")
         next_batch, loss_fn = training.next_batch, partial(training.loss, model)
+        early = EarlyStopping(cfg.evaluation.early_stop_patience)
+        early.replay(read_jsonl(monitor.evals.path), until=step)
 
-        while step < cfg.optim.steps and not monitor.stop:
+        while step < cfg.optim.steps and not monitor.stop and not early.stopped:
             loss, metrics = train_step(
                 model, optimizer, scheduler, cluster, monitor, cfg.optim, step, next_batch, loss_fn
             )
@@ -128,7 +132,12 @@ def train(cfg: TrainConfig) -> None:
             eval_due = cfg.evaluation.due(step, cfg.optim.steps)
             if eval_due and not cfg.evaluation.asynchronous:
                 with monitor.phase("eval"), eval_weights(monitor, cfg.evaluation.use_ema):
-                    monitor.log_eval(step, evaluate(model, gssm, cfg, cluster))
+                    metrics_eval = evaluate(model, gssm, cfg, cluster)
+                    monitor.log_eval(step, metrics_eval)
+                if early.observe(step, metrics_eval):
+                    best = {"best_step": early.best_step, "best_loss": early.best}
+                    monitor.events.write({"step": step, "event": "early_stop", **best})
+                    logger.info(f"early stop at step {step}: best held-out loss at step {early.best_step}")
             eval_checkpoint = eval_due and cfg.evaluation.asynchronous
             step = monitor.end_step(step, loss, tokens_per_step, eval_checkpoint, **metrics)
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ...nanollama.config import ConfigError
 from ...nanollama.data.text import Tokenizer, demo_documents, split_documents
+from ...nanollama.extras import require
 
 KINDS = ("digits", "shapes", "text")
 NUMBERS = "zero one two three four five six seven eight nine ten eleven".split()
@@ -57,6 +58,8 @@ class DatasetConfig:
     def check(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError("kind", f"must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind == "digits":  # the images ship with scikit-learn
+            require("sklearn", "vision", "kind=digits")
         if not self.weight > 0:
             raise ConfigError("weight", f"must be > 0, got {self.weight}")
         if self.epochs < 0:
@@ -132,9 +135,7 @@ def number_word(n: int) -> str:
 @functools.cache
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """(1797, 8, 8) floats in [0, 1] and (1797,) labels, from the copy that ships with scikit-learn."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = require("sklearn.datasets", "vision", "the digits dataset").load_digits()
     return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from ...nanollama.config import ConfigError, entrypoint
 from ...nanollama.distributed import Cluster
+from ...nanollama.extras import require
 from ...nanollama.trainer import checkpoint_to_evaluate
 from .data import Sample, build_dataset
 from .eval import EvalRunConfig, load_frozen
@@ -36,14 +37,13 @@ class GenerateConfig(EvalRunConfig):
             raise ConfigError("image", "give either image=<png> or dataset=<name> index=<i>")
         if self.image and not self.prompt:
             raise ConfigError("prompt", "an image needs a prompt (the question)")
+        if self.image:
+            require("PIL.Image", "vision", "image")
 
 
 def read_png(path: str) -> np.ndarray:
     """(H, W, 3) floats in [0, 1]; ConfigError naming the file if it cannot be read."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ConfigError("image", 'reading images needs Pillow: pip install -e ".[vision]"') from None
+    Image = require("PIL.Image", "vision", "image")
     if not Path(path).is_file():
         raise ConfigError("image", f"file not found: {path}")
     try:

@@ -116,14 +116,9 @@ def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
 
 
 def check_datasets(cfg: TrainConfig, world: int) -> None:
-    """Every dataset's train and valid splits load (scikit-learn for digits) and split across ranks."""
+    """Every dataset's train and valid splits load and split across ranks."""
     for i, d in enumerate(cfg.data.datasets):
         key = f"data.datasets.{i}"
-        if d.kind == "digits":
-            try:
-                import sklearn  # noqa: F401
-            except ImportError:
-                raise ConfigError(key, 'digits need scikit-learn: pip install -e ".[vision]"') from None
         for split in ("train", "valid"):
             n = len(build_dataset(d, cfg.data, split))
             if n < world:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError, FileError, read_utf8, section
+from ..extras import require
 
 FORTUNE_DIR = "/usr/share/games/fortunes"
 SPECIALS = ("bos", "eos", "pad", "mask", "cls", "sep")
@@ -173,8 +174,7 @@ class SentencePieceTokenizer(Tokenizer):
     )
 
     def __init__(self, model_file: str | os.PathLike):
-        import sentencepiece as spm
-
+        spm = require("sentencepiece", "text", "a sentencepiece tokenizer")
         self.model_file = str(model_file)
         self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
         self.vocab_size = self.sp.get_piece_size()
@@ -184,8 +184,7 @@ class SentencePieceTokenizer(Tokenizer):
     @classmethod
     def cache_path(cls, docs: list[str], vocab_size: int, cache_dir: str | os.PathLike) -> Path:
         """Name derived from (corpus, vocab size, settings, library version): same inputs, same model."""
-        import sentencepiece as spm
-
+        spm = require("sentencepiece", "text", "a sentencepiece tokenizer")
         h = hashlib.sha256(json.dumps([vocab_size, cls.SETTINGS, spm.__version__]).encode())
         for doc in docs:
             h.update(hashlib.sha256(doc.encode("utf-8", errors="surrogatepass")).digest())
@@ -201,8 +200,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def _train_to(cls, path: Path, docs: list[str], vocab_size: int) -> None:
-        import sentencepiece as spm
-
+        spm = require("sentencepiece", "text", "a sentencepiece tokenizer")
         path.parent.mkdir(parents=True, exist_ok=True)
         # SentencePiece trains on "sentences" of bounded length: feed lines, not whole documents.
         lines = [line for doc in docs for line in doc.splitlines() if line.strip()]
@@ -230,9 +228,8 @@ class TiktokenTokenizer(Tokenizer):
     ranks."""
 
     def __init__(self, path: str | os.PathLike, pattern: str = GPT2_PATTERN):
-        import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
-
+        tiktoken = require("tiktoken", "text", "a tiktoken tokenizer")
+        load_tiktoken_bpe = require("tiktoken.load", "text", "a tiktoken tokenizer").load_tiktoken_bpe
         if not Path(path).is_file():
             raise ConfigError("path", f"tiktoken ranks file not found: {path}")
         # tiktoken caches files by *path* only; passing the content hash makes it notice a rewritten file.
@@ -283,6 +280,8 @@ class TokenizerConfig:
             )
         if self.kind == "tiktoken" and not self.path:
             raise ConfigError("path", "a tiktoken tokenizer needs the path of its ranks file")
+        if self.kind != "byte":  # the library, before any log dir exists
+            require(self.kind, "text", f"kind={self.kind}")
 
 
 def build_tokenizer(cfg: TokenizerConfig, docs: list[str] | None = None, key: str = "tokenizer") -> Tokenizer:

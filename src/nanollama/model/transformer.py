@@ -215,6 +215,36 @@ class Transformer(nn.Module):
             cache.advance(T)
         return self.norm(h)
 
+    def parameter_counts(self) -> dict[str, int]:
+        """`total`; `embedding`: the token embedding and, untied, the output head; `non_embedding`: the
+        rest (blocks and final norm), the N of scaling laws (Kaplan et al. 2020)."""
+        total = sum(p.numel() for p in self.parameters())  # a tied head is counted once
+        embedding = self.tok_embeddings.weight.numel()
+        if not self.cfg.tie_embeddings:
+            embedding += self.output.weight.numel()
+        return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training (forward + backward = 3 x forward) FLOPs per token on rows of `seq_len` positions:
+
+            6 * W + 12 * n_layers * (n_heads * head_dim) * c
+
+        W: the matmul weights (every linear layer, the output head included; an embedding lookup or a norm
+        is no matmul), a multiply-add being 2 FLOPs; `c`: the mean number of keys a query attends to,
+        (seq_len + 1) / 2 causal, seq_len bidirectional, fewer with a sliding window. The attention term is
+        QK^T and AV (2 x 2 x d_attn x c forward each token), as PaLM (Chowdhery et al. 2022, appendix B)
+        counts it, without the masked half that a causal kernel skips."""
+        cfg, T = self.cfg, max(int(seq_len), 0)
+        weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        if not cfg.causal:
+            keys = float(T)
+        elif cfg.sliding_window and cfg.sliding_window < T:
+            w = cfg.sliding_window  # position t (1-based) sees min(t, w) keys
+            keys = (w * (w + 1) / 2 + (T - w) * w) / T
+        else:
+            keys = (T + 1) / 2
+        return 6.0 * weights + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * keys
+
     def new_cache(self, batch: int, max_len: int, start: Tensor | None = None) -> KVCache:
         """An empty KVCache for this model, on its device and in its dtype; see KVCache for `start`."""
         cfg, weight = self.cfg, self.output.weight

@@ -137,6 +137,8 @@ class VisionConfig:
             )
         if self.pretrained and not os.path.exists(self.pretrained):
             raise ConfigError("pretrained", f"not found: {self.pretrained}")
+        if self.pretrained:
+            _safetensors("pretrained")
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -329,7 +331,7 @@ def _weight_files(path: Path) -> list[Path]:
 
 def _tensors(path: Path) -> Iterator[tuple[Path, str, Any]]:
     """(file, name, handle) for every tensor of the checkpoint, without loading any."""
-    safe_open = _safetensors().safe_open
+    safe_open = _safetensors("vision.pretrained").safe_open
     for file in _weight_files(path):
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -523,5 +525,7 @@ def export_siglip(encoder: VisionEncoder, out: str | os.PathLike) -> Path:
         hf["nanollama"] = {"select_layer": cfg.built_layers}
     with atomic_folder(out) as tmp:
         (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
-        _safetensors().save_file(to_siglip_state_dict(state), tmp / HF_WEIGHTS, metadata={"format": "pt"})
+        _safetensors("a SigLIP export").save_file(
+            to_siglip_state_dict(state), tmp / HF_WEIGHTS, metadata={"format": "pt"}
+        )
     return Path(out)

@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
 from ..config import ConfigError, RunError, to_dict, to_yaml
 from ..distributed import Cluster
+from ..flops import model_flops_per_token
 from ..jobs import EvalJobConfig, submit_eval_job
 from ..optim import EMA, ClipState
 from ..runs import start_line
@@ -38,11 +40,12 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
+from .console import console_line, summary_line
 from .files import write_synced
 from .lock import LogDirLock
 from .logger import JsonlWriter, LoggingConfig, process_info, setup_logging
 from .preemption import PreemptionHandler
-from .probe import ActivationProbe, ProbeConfig
+from .probe import ActivationProbe, ProbeConfig, unwrap
 from .profiler import HeavyProfiler, LightProfiler, ProfilerConfig
 from .run_config import RESUME_FIXED, RESUME_MAY_CHANGE, check_against_run
 from .spikes import LossSpikeError, SpikeConfig, SpikeGuard
@@ -168,6 +171,7 @@ class Monitor:
         try:
             if exc_type is None and self.objects:
                 self.save_checkpoint()
+                logger.info(self._summary())
             elif exc_type is not None:
                 logger.error(f"run stopped at step {self.step}: {exc_type.__name__}: {exc}")
         finally:
@@ -199,8 +203,26 @@ class Monitor:
         if self.cluster.is_main:  # only now: a resume that failed leaves the run's config as it was
             _write_atomic(self.log_dir / "config.yaml", to_yaml(self.run_config))
         self._start_step = self.step
+        self._count_flops(model)
         self.heavy.start(self.step)
         return self.step
+
+    def _count_flops(self, model: nn.Module) -> None:
+        """Model FLOPs per token (rows of `data.seq_len` positions) and the device's peak, for `mfu`."""
+        seq_len = getattr(getattr(self.run_config, "data", None), "seq_len", 0)
+        seq_len = seq_len if isinstance(seq_len, int) else 0
+        self.flops_per_token = model_flops_per_token(unwrap(model), seq_len)
+        self.peak_flops = self.cluster.peak_flops()
+        per_device = f"peak {self.peak_flops:.4g} FLOP/s per device"
+        logger.info(f"{self.flops_per_token:.4g} training FLOPs per token, {per_device}")
+        self._train_start, self._train_tokens = time.perf_counter(), self._tokens
+
+    def _summary(self) -> str:
+        seconds = time.perf_counter() - getattr(self, "_train_start", self._start)
+        tokens = self._tokens - getattr(self, "_train_tokens", 0)
+        peak = getattr(self, "peak_flops", 0.0) * self.cluster.world_size
+        mfu = getattr(self, "flops_per_token", 0.0) * tokens / max(seconds, 1e-9) / peak if peak else math.nan
+        return summary_line(self._start_step, self.step, tokens, seconds, mfu)
 
     def _restore(self, state: dict) -> None:
         """Everything but model, optimizer, events and spike bookkeeping, for a resume and a rollback."""
@@ -418,12 +440,15 @@ class Monitor:
             record["samples_per_s"] = (self._samples - last_samples) / seconds
             record["samples_per_s_per_device"] = record["samples_per_s"] / world
         self._last_log = (now, self._tokens, self._samples)
+        if getattr(self, "peak_flops", 0.0) > 0:
+            record["mfu"] = self.flops_per_token * record["tokens_per_s_per_device"] / self.peak_flops
+        record["memory_gib"] = _memory_gib(self.cluster.device)
         record["eta_s"] = elapsed / max(done, 1) * (self.total_steps - step)
         self.raw.write(record)
         self.wandb.log(record, step=step)
         train = {f"train/{k}": v for k, v in record.items() if k != "step"}
         self.tensorboard.log(train, step, self._start_step)
-        logger.info(_fields(record))
+        logger.info(console_line(record, self.total_steps))
 
 
 def _restore_schedule(optimizer: Any, scheduler: Any, saved: dict, hyper: list[dict]) -> None:
@@ -438,6 +463,13 @@ def _restore_schedule(optimizer: Any, scheduler: Any, saved: dict, hyper: list[d
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs
+
+
+def _memory_gib(device: torch.device) -> float:
+    """The device's peak allocated memory (GPU), or the process's resident memory (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return psutil.Process().memory_info().rss / 2**30
 
 
 def _short(value: Any) -> str:

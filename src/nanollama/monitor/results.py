@@ -88,3 +88,50 @@ def sweep_status(log_dir: str | os.PathLike) -> pd.DataFrame:
 def _cell(value: object) -> object:
     """Grid values that are lists or mappings become their JSON text, so they can label rows."""
     return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+SCALING_COLUMNS = ["step", "loss", "bayes_loss", "lr", "N", "D", "data_path", "graph"]
+
+
+def scaling_points(log_dir: str | os.PathLike) -> pd.DataFrame:
+    """A GSSM scaling sweep as points for a scaling-law fit: one row per task with evaluations, with its
+    grid values, `state`, `loss` (its best held-out loss: the min over its evaluations, early stopping),
+    `step` (where), `bayes_loss` (the true model's loss on the same sequences: the irreducible E), `lr`,
+    `N` (non-embedding parameters, Kaplan et al.'s N), `D` (training sequences: the train split of
+    `data.path`, or when generated on the fly the fresh sequences drawn up to `step`), `data_path`, and
+    `graph` (the GSSM graph as JSON: two sweeps are comparable only if they share it)."""
+    rows = []
+    evals = load_sweep(log_dir, "eval")
+    for task, lines in evals.groupby("task", sort=True) if len(evals) else []:
+        best = lines.loc[lines["loss"].idxmin()]
+        cfg = run_config(Path(log_dir) / "runs" / str(task))
+        data = cfg["data"]
+        if data.get("path"):
+            meta = json.loads((Path(data["path"]) / "meta.json").read_text())
+            D, graph = meta["n_sequences"]["train"], meta["graph"]
+        else:
+            D, graph = int(best["step"]) * data["batch_size"], data["gssm"]
+        rows.append(
+            {
+                **best.to_dict(),
+                "step": int(best["step"]),
+                "lr": cfg["optim"]["lr"],
+                "N": non_embedding_parameters(cfg["model"]),
+                "D": D,
+                "data_path": data.get("path", ""),
+                "graph": json.dumps(graph, sort_keys=True),
+            }
+        )
+    columns = [*sweep_status(log_dir).columns, *SCALING_COLUMNS]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def non_embedding_parameters(model: dict) -> int:
+    """The transformer's parameters outside the token embedding and output head, counted on the meta
+    device (no memory, no initialisation) from a run config's `model` section."""
+    import torch
+
+    from ..model.transformer import Transformer, TransformerConfig
+
+    with torch.device("meta"):
+        return Transformer(TransformerConfig(**model)).parameter_counts()["non_embedding"]

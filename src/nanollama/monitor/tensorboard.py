@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -11,17 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..extras import require
 
 logger = logging.getLogger(__name__)
-
-EXTRA = 'pip install -e ".[tensorboard]"'
-
-
-def tensorboard_available() -> bool:
-    try:
-        return importlib.util.find_spec("tensorboard") is not None
-    except ValueError:  # sys.modules["tensorboard"] is None: import disabled
-        return False
 
 
 @dataclass
@@ -30,8 +21,8 @@ class TensorboardConfig:
     flush_s: int = 30  # seconds between flushes of the event file (a live `tensorboard` sees that late)
 
     def check(self) -> None:
-        if self.enabled and not tensorboard_available():
-            raise ConfigError("enabled", f"needs the tensorboard package: {EXTRA}")
+        if self.enabled:
+            require("tensorboard", "tensorboard", "enabled=true")
         if self.flush_s < 1:
             raise ConfigError("flush_s", f"must be >= 1, got {self.flush_s}")
 
@@ -55,6 +46,7 @@ class TensorboardLogger:
         if not self.active:
             return
         if self.writer is None:
+            require("tensorboard", "tensorboard", "orchestration.tensorboard.enabled=true")
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(

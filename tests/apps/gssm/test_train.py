@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import signal
 import subprocess
@@ -40,7 +41,8 @@ def test_debug_run_writes_the_contracted_layout(tmp_path):
     assert (log_dir / "config.yaml").is_file()
     raw = read_jsonl(log_dir / "metrics" / "raw_0.jsonl")
     assert [r["step"] for r in raw] == list(range(1, 7))
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eta_s"} <= raw[0].keys()
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eta_s", "mfu", "memory_gib"} <= raw[0].keys()
+    assert all(0 < r["mfu"] < 1 and r["memory_gib"] > 0 for r in raw)
     evals = read_jsonl(log_dir / "metrics" / "eval_0.jsonl")
     assert [e["step"] for e in evals] == [3, 6]
     for e in evals:
@@ -50,6 +52,32 @@ def test_debug_run_writes_the_contracted_layout(tmp_path):
     assert [p.name for p in list_checkpoints(log_dir / "checkpoints")] == ["0000000003", "0000000006"]
     log = (log_dir / "logs" / "rank_0.log").read_text()
     assert "host=" in log and "available memory" in log
+    assert re.search(
+        r"step 6/6 \| loss [\d.]+ \| .* tok/s \| MFU [\d.]+% \| mem [\d.]+ GiB \| ETA 0:00:00", log
+    )
+    assert re.search(r"done: steps 0->6 \(6 this run\), [\d.]+k? tokens, wall \d:\d\d:\d\d, .* mean MFU", log)
+
+
+def test_early_stopping_on_finite_data_stops_and_stays_stopped(tmp_path):
+    data, log_dir = tmp_path / "data", tmp_path / "run"
+    out = run_module("src.apps.gssm.make_data", CONFIG, *TINY, f"data.path={data}", "n_train=16", "n_test=16")
+    assert out.returncode == 0, out.stderr
+    args = [f"data.path={data}", "optim.steps=400", "optim.lr=0.03", "evaluation.period=4"]
+    args += [
+        "evaluation.n_sequences=0",
+        "evaluation.early_stop_patience=2",
+        "orchestration.checkpoint.period=4",
+    ]
+    train(log_dir, *args)
+    evals = read_jsonl(log_dir / "metrics" / "eval_0.jsonl")
+    events = [e for e in read_jsonl(log_dir / "metrics" / "events_0.jsonl") if e["event"] == "early_stop"]
+    assert len(events) == 1 and events[0]["step"] == evals[-1]["step"] < 400  # 16 sequences overfit fast
+    best = min(evals, key=lambda e: e["loss"])
+    assert (events[0]["best_step"], events[0]["best_loss"]) == (best["step"], best["loss"])
+    assert [e["step"] for e in evals[-2:]] == [best["step"] + 4, best["step"] + 8]  # patience 2
+    raw_lines = len(read_jsonl(log_dir / "metrics" / "raw_0.jsonl"))
+    train(log_dir, *args)  # a restart (a requeue) replays the evaluations: no step more
+    assert len(read_jsonl(log_dir / "metrics" / "raw_0.jsonl")) == raw_lines
 
 
 @pytest.mark.parametrize(
