@@ -29,7 +29,7 @@ def count(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _short(value: object) -> str:
+def short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -37,7 +37,7 @@ def console_line(record: dict, total_steps: int) -> str:
     """`step 100/300 | loss 2.031 | lr 0.003 | grad_norm 0.21 | 12.3k tok/s | MFU 3.1% | mem 1.2 GiB | ETA
     0:01:23 | other=...`."""
     parts = [f"step {record['step']}/{total_steps}"]
-    parts += [f"{key} {_short(record[key])}" for key in LEAD if key in record]
+    parts += [f"{key} {short(record[key])}" for key in LEAD if key in record]
     if "tokens_per_s" in record:
         parts.append(f"{count(record['tokens_per_s'])} tok/s")
     if "samples_per_s" in record:
@@ -48,7 +48,7 @@ def console_line(record: dict, total_steps: int) -> str:
         parts.append(f"mem {record['memory_gib']:.3g} GiB")
     if "eta_s" in record:
         parts.append(f"ETA {duration(record['eta_s'])}")
-    rest = [f"{k}={_short(v)}" for k, v in record.items() if k not in HIDDEN and k not in LEAD]
+    rest = [f"{k}={short(v)}" for k, v in record.items() if k not in HIDDEN and k not in LEAD]
     return " | ".join(parts + ([" ".join(rest)] if rest else []))
 
 

@@ -40,7 +40,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
-from .console import console_line, summary_line
+from .console import console_line, short, summary_line
 from .files import write_synced
 from .lock import LogDirLock
 from .logger import JsonlWriter, LoggingConfig, process_info, setup_logging
@@ -98,6 +98,8 @@ class Monitor:
         self.clip_state = ClipState()  # adaptive clipping's running grad norm (train_step)
         self.ema: EMA | None = None  # the weights' EMA (optim.ema_decay > 0), made by `resume`
         self._rolled_back_to: int | None = None
+        self.flops_per_token, self.peak_flops = 0.0, 0.0  # set by `resume` (see _count_flops)
+        self._train_start, self._train_tokens = 0.0, 0
         self.stop = False
         self.objects: dict[str, Any] = {}
         self._stack = ExitStack()
@@ -218,10 +220,10 @@ class Monitor:
         self._train_start, self._train_tokens = time.perf_counter(), self._tokens
 
     def _summary(self) -> str:
-        seconds = time.perf_counter() - getattr(self, "_train_start", self._start)
-        tokens = self._tokens - getattr(self, "_train_tokens", 0)
-        peak = getattr(self, "peak_flops", 0.0) * self.cluster.world_size
-        mfu = getattr(self, "flops_per_token", 0.0) * tokens / max(seconds, 1e-9) / peak if peak else math.nan
+        seconds = time.perf_counter() - self._train_start
+        tokens = self._tokens - self._train_tokens
+        peak = self.peak_flops * self.cluster.world_size
+        mfu = self.flops_per_token * tokens / max(seconds, 1e-9) / peak if peak else math.nan
         return summary_line(self._start_step, self.step, tokens, seconds, mfu)
 
     def _restore(self, state: dict) -> None:
@@ -440,7 +442,7 @@ class Monitor:
             record["samples_per_s"] = (self._samples - last_samples) / seconds
             record["samples_per_s_per_device"] = record["samples_per_s"] / world
         self._last_log = (now, self._tokens, self._samples)
-        if getattr(self, "peak_flops", 0.0) > 0:
+        if self.peak_flops > 0:
             record["mfu"] = self.flops_per_token * record["tokens_per_s_per_device"] / self.peak_flops
         record["memory_gib"] = _memory_gib(self.cluster.device)
         record["eta_s"] = elapsed / max(done, 1) * (self.total_steps - step)
@@ -472,12 +474,8 @@ def _memory_gib(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def _fields(record: dict) -> str:
-    return " ".join(f"{k}={_short(v)}" for k, v in record.items())
+    return " ".join(f"{k}={short(v)}" for k, v in record.items())
 
 
 def _write_atomic(path: Path, text: str) -> None:
