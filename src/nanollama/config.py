@@ -256,9 +256,43 @@ def load_config(cls: type[T], argv: list[str] | None = None) -> T:
     `check_inputs()` (if it has one) has checked everything the run will read."""
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = build_config(cls, read_config(cls, path) if path else {}, overrides)
+    if path and not any(o.startswith("orchestration.log_dir=") for o in overrides):
+        follow_copied_run(cfg, Path(path))
     if hasattr(cfg, "check_inputs"):
         cfg.check_inputs()
     return cfg
+
+
+def check_range(obj: Any, key: str, low: float | None = None, high: float | None = None) -> None:
+    """`obj.<key>` within [low, high] (None: unbounded), else a ConfigError naming that very key."""
+    value = getattr(obj, key)
+    if low is not None and value < low:
+        raise ConfigError(key, f"must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(key, f"must be <= {high}, got {value}")
+
+
+def follow_copied_run(cfg: Any, path: Path) -> None:
+    """`path` is a run's own `config.yaml` (beside its checkpoints or metrics) whose `log_dir` names
+    another folder: the run was copied (`cp -r runs/a runs/b`). An evaluating config (one with a
+    `checkpoint` key) reads the folder the file is in; a training one would act on the original, so it
+    is refused, naming both folders, unless `orchestration.log_dir` is given."""
+    orchestration = getattr(cfg, "orchestration", None)
+    folder = path.parent
+    if path.name != "config.yaml" or orchestration is None or not orchestration.log_dir:
+        return
+    if not ((folder / "checkpoints").is_dir() or (folder / "metrics").is_dir()):
+        return
+    if Path(orchestration.log_dir).resolve() == folder.resolve():
+        return
+    if "checkpoint" in {f.name for f in dataclasses.fields(cfg)}:
+        orchestration.log_dir = str(folder)
+        return
+    raise ConfigError(
+        "orchestration.log_dir",
+        f"{path} is the config of the run in {folder}, but names log_dir {orchestration.log_dir} (a copied "
+        f"run?): give orchestration.log_dir={folder} to go on in the copy, or ={orchestration.log_dir}",
+    )
 
 
 def validate(obj: Any, path: str = "") -> None:
@@ -290,12 +324,18 @@ def to_yaml(cfg: Any) -> str:
 
 def cli_main(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a script's main: bad input is one line on stderr and exit code 2; a `RunError` or an OS error
-    (full disk, read-only folder: the message names the path) one line and exit code 1."""
+    (full disk, read-only folder: the message names the path) one line and exit code 1; a closed pipe on
+    stdout exit code 1 and nothing printed."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()  # a reader that closed the pipe (`| head`) shows here, not at exit
+            return result
+        except BrokenPipeError:  # quietly, as a shell tool does: nothing more can be printed anyway
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from .config import ConfigError
 
@@ -218,8 +219,6 @@ class Cluster:
                     fully_shard(block, **kwargs)
             fully_shard(model, **kwargs)
         elif self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [self.device.index] if self.device_type == "cuda" else None
             # the only buffers are RoPE tables, identical everywhere: no need to re-send them each step
             model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
@@ -282,3 +281,21 @@ class Cluster:
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+
+def wrappers(model: nn.Module) -> list[nn.Module]:
+    """`model` and the modules it wraps, outermost first: DDP keeps the model in `.module` and
+    `torch.compile(model)` in `._orig_mod`; FSDP2 and `model.compile()` leave it in place."""
+    chain = [model]
+    while True:
+        if isinstance(chain[-1], (DistributedDataParallel, DataParallel)):
+            chain.append(chain[-1].module)
+        elif isinstance(getattr(chain[-1], "_orig_mod", None), nn.Module):
+            chain.append(chain[-1]._orig_mod)
+        else:
+            return chain
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that holds the blocks."""
+    return wrappers(model)[-1]

@@ -14,29 +14,34 @@ training never needs.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from torch import Tensor
 
 from .config import ConfigError, build_config, cli_main, to_dict
-from .extras import require
-from .model.io import EMA_WEIGHTS, WEIGHTS, check_weights, load_model_config, load_weights, save_model
+from .model.io import (
+    EMA_WEIGHTS,
+    HF_CONFIG,
+    HF_INDEX,
+    HF_WEIGHTS,
+    WEIGHTS,
+    atomic_folder,
+    check_weights,
+    load_model_config,
+    load_weights,
+    safetensors,
+    save_model,
+)
 from .model.rope import RopeScaling, ntk_theta, rope_frequencies
 from .model.transformer import TransformerConfig
 
-HF_CONFIG = "config.json"
-HF_WEIGHTS = "model.safetensors"
-HF_INDEX = "model.safetensors.index.json"
 # Our RoPE tables grow on demand: this only tells HF tools a usable context length.
 MAX_POSITION_EMBEDDINGS = 4096
 # Keys of HF's rope_scaling that our RoPE cannot represent, unless they hold the value that changes nothing.
@@ -251,30 +256,6 @@ def _same_rope(a: TransformerConfig, b: TransformerConfig) -> bool:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _safetensors(feature: str = "Hugging Face interop") -> Any:
-    """Imported on use only: training never needs it."""
-    return require("safetensors.torch", "hf", feature)
-
-
-@contextlib.contextmanager
-def atomic_folder(out: str | os.PathLike, key: str = "out") -> Iterator[Path]:
-    """Yield a temporary sibling of `out`, renamed to `out` only if the block succeeds: a failure
-    leaves neither `out` nor the temporary folder behind. Never overwrites."""
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(key, f"already exists: {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():  # os.rename would silently replace an empty folder created meanwhile
-            raise ConfigError(key, f"already exists: {out}")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def read_hf_config(folder: Path) -> dict[str, Any]:
     file = folder / HF_CONFIG
     if not file.is_file():
@@ -287,7 +268,7 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
 
 def read_hf_weights(folder: Path) -> dict[str, Tensor]:
     """model.safetensors, or the shards listed by model.safetensors.index.json."""
-    load_file = _safetensors().load_file
+    load_file = safetensors().load_file
     if (folder / HF_WEIGHTS).is_file():
         return load_file(folder / HF_WEIGHTS)
     if not (folder / HF_INDEX).is_file():
@@ -313,7 +294,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, ema: bool = False
         dtype = str(state["tok_embeddings.weight"].dtype).removeprefix("torch.")
         (tmp / HF_CONFIG).write_text(json.dumps(to_hf_config(cfg, dtype), indent=2) + "\n")
         tensors = to_hf_state_dict(state, cfg.tie_embeddings)
-        _safetensors().save_file(tensors, tmp / HF_WEIGHTS, metadata={"format": "pt"})
+        safetensors().save_file(tensors, tmp / HF_WEIGHTS, metadata={"format": "pt"})
     return Path(out)
 
 
@@ -338,7 +319,7 @@ class ExportArgs:
 
     def check(self) -> None:
         _check_required(self)
-        _safetensors("src.nanollama.hf export")
+        safetensors("src.nanollama.hf export")
 
 
 @dataclass
@@ -348,7 +329,7 @@ class ImportArgs:
 
     def check(self) -> None:
         _check_required(self)
-        _safetensors("src.nanollama.hf import")
+        safetensors("src.nanollama.hf import")
 
 
 def _check_required(args: Any) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from .app import RunConfig
 from .config import (
     DEFAULTS,
     ConfigError,
@@ -92,7 +93,7 @@ class LauncherConfig:
 class Task:
     index: int
     values: dict[str, Any]  # dotted grid key -> value
-    config: Any  # the validated run config
+    config: RunConfig  # the validated run config
 
 
 # ----------------------------------------------------------------------------- grid
@@ -134,16 +135,17 @@ def expand_grid(grid: dict | None) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- tasks
 
 
-def config_class(script: str) -> type:
-    """The run-config dataclass of an entrypoint module (`main.config_class`); the module must import."""
+def config_class(script: str) -> type[RunConfig]:
+    """The run-config dataclass of an entrypoint module (`main.config_class`, an `app.RunConfig`); the
+    module must import."""
     try:
         module = importlib.import_module(script)
     except Exception as e:  # noqa: BLE001 (any import failure is the user's script failing to import)
         reason = (str(e).splitlines() or [""])[0]
         raise ConfigError("script", f"cannot import {script}: {type(e).__name__}: {reason}") from None
     cls = getattr(getattr(module, "main", None), "config_class", None)
-    if not dataclasses.is_dataclass(cls):
-        raise ConfigError("script", f"{script} has no main made by config.entrypoint (it names the config)")
+    if not (isinstance(cls, type) and issubclass(cls, RunConfig)):
+        raise ConfigError("script", f"{script} has no main made by an entrypoint (it names the run config)")
     return cls
 
 
@@ -219,11 +221,9 @@ def _sibling_eval(sweep: LauncherConfig) -> str:
     return f"{package}.eval" if importlib.util.find_spec(f"{package}.eval") else ""
 
 
-def _set_eval_job(cfg: Any, sweep: LauncherConfig, eval_script: str, run_data: dict) -> None:
+def _set_eval_job(cfg: RunConfig, sweep: LauncherConfig, eval_script: str, run_data: dict) -> None:
     """Evaluation jobs of a task run where the task runs, with the sweep's SLURM account and partition."""
-    job = getattr(getattr(cfg, "orchestration", None), "eval_job", None)
-    if job is None:
-        return
+    job = cfg.orchestration.eval_job
     job.script = job.script or eval_script
     job.launcher = "sbatch" if sweep.mode == "sbatch" else "local"
     job.setup = job.setup or list(sweep.setup)

@@ -32,17 +32,17 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import torch
 
+from .app import BuildTraining, RunConfig, TrainEntrypoint, Training
 from .config import ConfigError, RunError, build_config, cli_main, load_config, to_dict
 from .distributed import Cluster
 from .extras import MissingExtra, require
 from .launcher import config_class
 from .monitor.logger import setup_logging
-from .optim import ClipState, build_optimizer
+from .optim import ClipState, OptimConfig, build_optimizer, freeze
 from .trainer import seed_everything, train_step
 
 logger = logging.getLogger(__name__)
@@ -149,22 +149,22 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return ours, theirs
 
 
-def load(argv: list[str]) -> tuple[LRFinderConfig, Any, Any]:
+def load(argv: list[str]) -> tuple[LRFinderConfig, RunConfig, BuildTraining]:
     """The finder's config, the app's run config (checked as its train.py would) and the app's hook."""
     ours, theirs = split_args(argv)
     finder = build_config(LRFinderConfig, overrides=ours)
-    cls = config_class(finder.script)
-    hook = getattr(importlib.import_module(finder.script), "build_training", None)
-    if hook is None:
+    cls = config_class(finder.script)  # the script imports and names a RunConfig
+    main = importlib.import_module(finder.script).main
+    if not isinstance(main, TrainEntrypoint):
         raise ConfigError(
-            "script", f"{finder.script} has no build_training(cfg, cluster) hook (see trainer.Training)"
+            "script", f"{finder.script} has no build_training hook (its main is not an app.train_entrypoint)"
         )
     cfg = load_config(cls, theirs)
     if not finder.out:
         finder.out = str(cfg.orchestration.log_dir).rstrip("/") + "_lr_finder"
     if Path(finder.out).resolve() == Path(cfg.orchestration.log_dir).resolve():
         raise ConfigError("out", f"{finder.out} is the run's log dir: the finder never writes there")
-    return finder, cfg, hook
+    return finder, cfg, main.build_training
 
 
 def find_lr(argv: list[str]) -> LRFinderResult:
@@ -175,6 +175,7 @@ def find_lr(argv: list[str]) -> LRFinderResult:
         setup_logging(out / "logs", cluster.rank)
         training = hook(cfg, cluster)
         stack.enter_context(training.loader)
+        freeze(training.model, cfg.optim)  # before DDP registers the parameters (trainer.start_run)
         model = cluster.wrap(training.model)
         sweep_cfg = dataclasses.replace(cfg.optim, lr=finder.min_lr)
         optimizer = build_optimizer(model, sweep_cfg, cluster.device_type)
@@ -199,7 +200,13 @@ def find_lr(argv: list[str]) -> LRFinderResult:
 
 
 def _sweep(
-    finder: LRFinderConfig, cluster: Cluster, model, optimizer, scheduler, training, optim_cfg
+    finder: LRFinderConfig,
+    cluster: Cluster,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    training: Training,
+    optim_cfg: OptimConfig,
 ) -> tuple[list[float], list[float], bool]:
     """Run the sweep; the last points kept are those before the loss diverged."""
     monitor, loss_fn = _NoMonitor(), partial(training.loss, model)
@@ -229,7 +236,7 @@ def _sweep(
     return lrs, losses, False
 
 
-def _write(result: LRFinderResult, finder: LRFinderConfig, cfg: Any) -> None:
+def _write(result: LRFinderResult, finder: LRFinderConfig, cfg: RunConfig) -> None:
     out = result.out
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "lr_finder.csv", "w", newline="") as f:

@@ -30,35 +30,18 @@ from typing import Any, NoReturn
 
 import yaml
 
-from .config import ConfigError, read_yaml, to_dict
+from .config import ConfigError, cli_main, read_yaml, to_dict
 from .monitor.checkpoint import CONFIRMED, EVAL_FLAG, list_checkpoints
 from .monitor.lock import LOCK_FILE
 from .monitor.logger import read_jsonl
 from .monitor.run_config import flatten
+from .monitor.run_start import START_RE, TIME_FORMAT
 
-# The Monitor logs this at every start: the module to rebuild the run's default config from, and when.
-START = "run start: script {script}, at {time}"
-START_RE = re.compile(r"run start: script (\S*), at (\S+)")
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 # Lines of a start that ended on a signal (preemption.py, Monitor.end_step), or on an error (Monitor).
 PREEMPTED_RE = re.compile(r"preempted: checkpoint saved|received SIG\w+: checkpointing")
 FAILED_RE = re.compile(r"run stopped at step")
 SKIP_DIRS = {"code", "wandb", "logs", "tasks", "submitit", "metrics", "checkpoints", "profiler"}
 SORTS = ("date", "step", "loss")
-
-
-def script_module(run_config: Any) -> str:
-    """The module that defines the run's config class: the app's entrypoint (`python -m` makes it
-    `__main__`, whose spec still has the real name)."""
-    module = type(run_config).__module__
-    if module == "__main__":
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        module = spec.name if spec is not None else ""
-    return module
-
-
-def start_line(run_config: Any) -> str:
-    return START.format(script=script_module(run_config) or "?", time=time.strftime(TIME_FORMAT))
 
 
 @dataclass
@@ -186,7 +169,7 @@ def read_run(log_dir: Path) -> Run:
     evals = {k: v for k, v in last_eval.items() if k != "step" and isinstance(v, (int, float))}
     if lock_held(log_dir):
         state = "running"
-    elif total and step >= total:
+    elif total and step >= total and not FAILED_RE.search(since_last):  # a run can die on its last step
         state = "done"
     elif task_state in ("stopped", "requeued") or PREEMPTED_RE.search(since_last):
         state = "preempted"
@@ -340,6 +323,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m src.nanollama.runs", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -350,14 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     showing = commands.add_parser("show", help="one run: config differences and checkpoints")
     showing.add_argument("path", metavar="PATH")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.command == "list":
-            print(format_table(list_runs(args.root, args.sort, args.limit)))
-        else:
-            print(show(args.path))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "list":
+        print(format_table(list_runs(args.root, args.sort, args.limit)))
+    else:
+        print(show(args.path))
     return 0
 
 

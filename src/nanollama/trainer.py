@@ -11,36 +11,43 @@ import math
 import os
 import random
 import warnings
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .app import BuildTraining, RunConfig, Training, set_vocab_size
 from .config import ConfigError
 from .data.packing import TextDataConfig, source_documents
 from .data.text import Tokenizer, TokenizerConfig, build_tokenizer
 from .distributed import Cluster
+from .init_checkpoint import check_init, resumes
 from .model.attention import batch_mask_error, flex_backward_available
 from .model.transformer import Transformer, TransformerConfig
 from .monitor.checkpoint import clear_eval_flag, find_checkpoint
 from .monitor.logger import JsonlWriter
 from .monitor.monitor import Monitor
 from .monitor.run_config import EVAL_MAY_CHANGE, check_against_run
-from .optim import OptimConfig, base_lr, clip_gradients
+from .optim import OptimConfig, base_lr, build_optimizer, build_scheduler, clip_gradients, freeze
 
 logger = logging.getLogger(__name__)
 
 
-def build_transformer(cfg: TransformerConfig, seed: int, training: bool, device: torch.device) -> Transformer:
-    """Deterministic init from the global seed; flex falls back to sdpa where it cannot train."""
+def training_attention(cfg: TransformerConfig, training: bool, device: torch.device) -> None:
+    """Flex falls back to sdpa where it cannot train (no FlexAttention backward on CPU), with a warning."""
     if training and cfg.attention == "flex" and not flex_backward_available(device):
         logger.warning(f"FlexAttention has no backward on {device.type}: training with sdpa instead")
         cfg.attention = "sdpa"
+
+
+def build_transformer(cfg: TransformerConfig, seed: int, training: bool, device: torch.device) -> Transformer:
+    """Deterministic init from the global seed, with the attention that can train on `device`."""
+    training_attention(cfg, training, device)
     torch.manual_seed(seed)
     return Transformer(cfg)
 
@@ -55,22 +62,33 @@ def build_text_tokenizer(tok: TokenizerConfig, data: TextDataConfig, model: Tran
     if tok.kind == "sentencepiece":
         docs = [d for s in data.sources for d in source_documents(s, data.valid_fraction, "train")]
     tokenizer = build_tokenizer(tok, docs)
-    if model.vocab_size not in (0, tokenizer.vocab_size):
-        raise ConfigError("model.vocab_size", f"{model.vocab_size} != tokenizer's {tokenizer.vocab_size}")
-    model.vocab_size = tokenizer.vocab_size
+    set_vocab_size(model, tokenizer.vocab_size, "tokenizer")
     return tokenizer
 
 
-def check_text_masks(cfg: Any, world_size: int) -> None:
+def check_text_masks(
+    cfg: RunConfig, model: TransformerConfig, data: TextDataConfig, eval_batch_size: int, world_size: int
+) -> None:
     """A text app's per-batch attention masks (documents, padding) can be built for its largest batch on
     a rank, training micro-batch or evaluation batch: refused at start-up, not at the first batch."""
     rows = max(
-        cfg.data.batch_size // (world_size * cfg.optim.accumulation_steps),
-        cfg.evaluation.batch_size // world_size,
+        data.batch_size // (world_size * cfg.optim.accumulation_steps),
+        eval_batch_size // world_size,
         1,
     )
-    if why := batch_mask_error(cfg.model.attention, cfg.cluster.device_type, rows, cfg.data.seq_len):
+    if why := batch_mask_error(model.attention, cfg.cluster.device_type, rows, data.seq_len):
         raise ConfigError("data.seq_len", why)
+
+
+def steps_in_epochs(batches: int, cluster: Cluster, accumulation_steps: int, epochs: str) -> int:
+    """Optimizer steps of a `data.epochs`-long run from this rank's `batches`: the fewest of any rank
+    (shards hold as many documents but not as many tokens; ranks draw datasets in different orders), so
+    that every rank stops at the same step. `epochs` names the length in the error."""
+    fewest = int(-cluster.all_reduce([-float(batches)], op="max")[0])
+    steps = fewest // accumulation_steps
+    if steps < 1:
+        raise ConfigError("data.epochs", f"{epochs} epochs give {fewest} batches per rank")
+    return steps
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -146,23 +164,92 @@ def train_step(
 
 
 @dataclass
-class Training:
-    """One app's training step, as its train.py's hook `build_training(cfg, cluster, loader=None,
-    init=True)` builds it: the app's own loop runs it, and so do the core's tools (the LR finder), which
-    know nothing else of the app. The hook builds the data stream when `loader` is None (train() builds it
-    earlier, before the log dir exists) and loads `init.checkpoint` when `init` (train() passes False when
-    the run resumes)."""
+class Run:
+    """A training run set up by `start_run`, ready for the app's loop."""
 
-    model: nn.Module  # unwrapped, with its starting weights; the caller wraps it (cluster.wrap)
-    loader: Any  # the data stream: a context manager with state_dict/load_state_dict, not yet entered
-    next_batch: Callable[[], Any]  # the next micro-batch on the device (from `loader`, once entered)
-    loss: Callable[[nn.Module, Any], torch.Tensor]  # mean loss of a micro-batch under the wrapped model
+    cfg: RunConfig
+    cluster: Cluster
+    monitor: Monitor
+    training: Training  # its model unwrapped
+    model: nn.Module  # wrapped by the cluster (DDP, FSDP2, compile): what the loop trains and evaluates
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any  # entered: batches come through `training.next_batch`
+    step: int  # the step to start from: 0, or the resumed checkpoint's
+
+    def train_step(self, step: int) -> tuple[float, dict[str, float]]:
+        """`train_step` of this run's model, optimizer and data at `step` (see the function)."""
+        loss_fn = lambda batch: self.training.loss(self.model, batch)  # noqa: E731
+        return train_step(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.cluster,
+            self.monitor,
+            self.cfg.optim,
+            step,
+            self.training.next_batch,
+            loss_fn,
+        )
 
 
-def check_use_ema(cfg: Any) -> None:
-    """`evaluation.use_ema` needs an EMA to evaluate (a cross-section check, for an app's config)."""
-    if getattr(cfg.evaluation, "use_ema", False) and not cfg.optim.ema_decay:
-        raise ConfigError("evaluation.use_ema", "needs optim.ema_decay > 0 (no EMA of the weights is kept)")
+def count_by_part(names: list[str]) -> str:
+    """`vision.a.w, vision.b.w, lm.w` -> `vision: 2, lm: 1`."""
+    parts: dict[str, int] = {}
+    for name in names:
+        part = name.split(".")[0]
+        parts[part] = parts.get(part, 0) + 1
+    return ", ".join(f"{p}: {n}" for p, n in parts.items())
+
+
+@contextmanager
+def start_run(
+    cfg: RunConfig,
+    cluster: Cluster,
+    loader: Any,
+    build_training: BuildTraining,
+    check_model: Callable[[], nn.Module],
+    seq_len: int = 0,
+    prefix_map: dict | None = None,
+) -> Iterator[Run]:
+    """Everything between an app's data stream and its loop, in the one order that works; the app
+    builds its data first (it may fix `optim.steps` or the vocabulary, and bad data must exit 2 before
+    the log dir exists).
+
+    1. `init.checkpoint` is checked against `check_model()`, the app's model built under the meta device
+       (no memory, no init; it must not move itself to a device): a wrong path or shape exits 2 here,
+       while there is still no log dir.
+    2. Whether the log dir holds a checkpoint is read before the Monitor, which creates the log dir.
+    3. The Monitor takes the log dir's lock and sets up logging, so all that follows is in the run's log.
+    4. `build_training(cfg, cluster, loader, init)` makes the app's Training from its `loader` (not yet
+       entered); `init` (load `init.checkpoint`) only on a fresh start: a resume's own checkpoint wins
+       over its starting point.
+    5. Its loader is entered (worker threads, files) and closed with the run.
+    6. `optim.groups` multipliers of 0 freeze their parameters before the wrap, so DDP never registers
+       them and FSDP2 shards only what trains.
+    7. The cluster wraps the model (DDP, FSDP2, compile); the optimizer is built on the wrapped model's
+       parameters (FSDP2's are sharded), then the schedule.
+    8. The per-rank random streams are seeded after the model's init (seeded by the global seed alone,
+       the same weights on every rank); a resume then replaces them with the checkpoint's.
+    9. The Monitor restores the latest checkpoint (model, optimizer, schedule, data, streams) if any.
+
+    `seq_len`: positions per row, for the FLOP count (0: 6 x parameters per token). `prefix_map`: the
+    check's `init.prefix_map` where the app picks its own (BERT's task switch).
+    """
+    check_init(cfg.init, check_model, prefix_map)
+    resuming = resumes(cfg.orchestration.log_dir)
+    with ExitStack() as stack:
+        monitor = stack.enter_context(Monitor(cfg, cluster, seq_len))
+        training = build_training(cfg, cluster, loader, init=not resuming)
+        loader = stack.enter_context(training.loader)
+        if frozen := freeze(training.model, cfg.optim):
+            logger.info(f"frozen: {len(frozen)} tensors ({count_by_part(frozen)})")
+        model = cluster.wrap(training.model)
+        optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
+        scheduler = build_scheduler(optimizer, cfg.optim)
+        seed_everything(cfg.orchestration.seed, cluster.rank)
+        step = monitor.resume(model, optimizer, scheduler, loader)
+        yield Run(cfg, cluster, monitor, training, model, optimizer, scheduler, loader, step)
 
 
 def eval_weights(monitor: Monitor, use_ema: bool) -> AbstractContextManager:
@@ -172,11 +259,11 @@ def eval_weights(monitor: Monitor, use_ema: bool) -> AbstractContextManager:
     return nullcontext()
 
 
-def checkpoint_to_evaluate(cfg: Any) -> Path:
-    """The checkpoint an eval, probe or generate script reads (`cfg.checkpoint`, else the latest of
+def checkpoint_to_evaluate(cfg: RunConfig, checkpoint: str) -> Path:
+    """The checkpoint an eval, probe or generate script reads (`checkpoint`, else the latest of
     `orchestration.log_dir`): it must pass its manifest, and the keys that fix its weights' shape and
     meaning must match its run's `config.yaml` (ConfigError naming the key and both values)."""
-    path = find_checkpoint(cfg.checkpoint, cfg.orchestration.log_dir)
+    path = find_checkpoint(checkpoint, cfg.orchestration.log_dir)
     check_against_run(cfg, path.parent.parent / "config.yaml", f"evaluating {path}", EVAL_MAY_CHANGE)
     return path
 

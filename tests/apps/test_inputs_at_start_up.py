@@ -11,10 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.apps.bert.test_bert import FINETUNE, FIXTURES
-from tests.apps.gpt.test_gpt import TINY as GPT_TINY
-from tests.apps.gssm.test_train import TINY as GSSM_TINY
-from tests.conftest import ROOT, assert_bad_input, child_env, run_module
+from tests.conftest import (
+    BERT_FINETUNE,
+    BERT_FIXTURES,
+    GPT_TINY,
+    GSSM_TINY,
+    ROOT,
+    assert_bad_input,
+    child_env,
+    run_module,
+)
+
+FINETUNE, FIXTURES = BERT_FINETUNE, BERT_FIXTURES
 
 SHORT = ["optim.steps=2", "optim.warmup=0"]  # had a case pass start-up, it would still end soon
 GPT = ["src.apps.gpt.train", "config=src/apps/gpt/configs/debug.yaml", *GPT_TINY, *SHORT]

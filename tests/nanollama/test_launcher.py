@@ -30,17 +30,9 @@ from src.nanollama.monitor.checkpoint import has_eval_flag, list_checkpoints
 from src.nanollama.monitor.logger import JsonlWriter, read_jsonl
 from src.nanollama.monitor.preemption import PreemptionHandler
 from src.nanollama.monitor.results import load_sweep, sweep_status
-from tests.conftest import ROOT, child_env
+from tests.conftest import LAUNCHER_SWEEP, LAUNCHER_TINY, LAUNCHER_TRAIN, ROOT, child_env, launch
 
-SWEEP = "src/apps/gssm/configs/sweep.yaml"
-TRAIN = "src.apps.gssm.train"
-TINY = [
-    "optim.steps=6",
-    "optim.warmup=2",
-    "orchestration.logging.period=3",
-    "orchestration.checkpoint.period=0",
-]
-TINY += ["evaluation.n_sequences=16", "evaluation.batch_size=16", "data.batch_size=8", "data.seq_len=16"]
+SWEEP, TRAIN, TINY = LAUNCHER_SWEEP, LAUNCHER_TRAIN, LAUNCHER_TINY
 
 
 # ----------------------------------------------------------------------------- grid
@@ -273,11 +265,6 @@ def test_local_eval_job_starts_with_a_clean_environment(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- end to end, in bash
-
-
-def launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "src.nanollama.launcher", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_bash_sweep_runs_every_task_from_the_snapshot_and_tabulates(tmp_path):

@@ -21,10 +21,20 @@ from src.nanollama.jobs import squeue_jobs
 from src.nanollama.monitor.checkpoint import has_eval_flag, list_checkpoints
 from src.nanollama.monitor.logger import read_jsonl
 from src.nanollama.monitor.results import load_sweep, sweep_status
-from tests.conftest import ROOT, child_env, losses, run_module
-from tests.nanollama.test_launcher import SWEEP, TINY, TRAIN, launch
+from tests.conftest import (
+    LAUNCHER_SWEEP,
+    LAUNCHER_TINY,
+    LAUNCHER_TRAIN,
+    ROOT,
+    child_env,
+    launch,
+    losses,
+    run_module,
+)
 
 pytestmark = pytest.mark.slow
+
+SWEEP, TRAIN, TINY = LAUNCHER_SWEEP, LAUNCHER_TRAIN, LAUNCHER_TINY
 
 SLURM_DIR = Path(os.environ.get("NANOLLAMA_SLURM_DIR", "/tmp/nanollama-slurm"))
 

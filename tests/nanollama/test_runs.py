@@ -3,6 +3,7 @@ and are running (a live process holds the lock), one nested as a sweep's would b
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -124,8 +125,11 @@ def test_bad_root_and_path_exit_2_with_one_line(root, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: "), err
         return err[0]
 
-    assert runs.main(["list", str(tmp_path / "missing")]) == 2 and "ROOT" in one_line()
-    assert runs.main(["show", str(root)]) == 2 and "not a run folder" in one_line()
+    bad = ((["list", str(tmp_path / "missing")], "ROOT"), (["show", str(root)], "not a run folder"))
+    for argv, words in bad:
+        with pytest.raises(SystemExit) as exit:
+            runs.main(argv)
+        assert exit.value.code == 2 and words in one_line()
     for argv in (["list", "--sort", "speed"], ["list", "--limit", "x"], ["frobnicate"]):
         with pytest.raises(SystemExit) as exit:
             runs.main(argv)
@@ -151,3 +155,13 @@ def test_a_lock_held_by_this_process_reads_as_held_and_stays_held(tmp_path):
     finally:
         lock.release()
     assert not runs.lock_held(tmp_path)
+
+
+def test_a_closed_pipe_ends_quietly(root):
+    """`runs show RUN | head -1`: the reader is gone before the output is written, no traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    cmd = [sys.executable, "-m", "src.nanollama.runs", "list", str(root)]
+    out = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    assert out.returncode == 1 and out.stderr == ""

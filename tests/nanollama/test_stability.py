@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch import nn
 
+from src.nanollama.app import RunConfig
 from src.nanollama.config import build_config
 from src.nanollama.distributed import Cluster, ClusterConfig
 from src.nanollama.monitor.logger import read_jsonl
-from src.nanollama.monitor.monitor import Monitor, OrchestrationConfig
+from src.nanollama.monitor.monitor import Monitor
 from src.nanollama.optim import ClipState, OptimConfig, build_optimizer, build_scheduler, clip_gradients
 from src.nanollama.trainer import causal_lm_loss, train_step
 from tests.conftest import GSSM_TINY, crash_after, losses, run_module
@@ -116,8 +117,9 @@ def monitor_parts(tmp_path):
         model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11))
         optimizer = build_optimizer(model, optim, "cpu")
         scheduler = build_scheduler(optimizer, optim)
-        orchestration = build_config(OrchestrationConfig, {"log_dir": str(log_dir)})
-        monitor = Monitor(orchestration, cluster, orchestration, optim.steps)
+        run_config = build_config(RunConfig, {"orchestration": {"log_dir": str(log_dir)}})
+        run_config.optim = optim
+        monitor = Monitor(run_config, cluster)
         stack.append(monitor.__enter__())
         loader = FixedBatches(torch.randint(0, 11, (4, 9), generator=torch.Generator().manual_seed(1)))
         monitor.resume(model, optimizer, scheduler, loader)

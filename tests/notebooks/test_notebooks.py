@@ -8,41 +8,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
-from tests.conftest import ROOT, child_env
-
-TINY_TRAINING = [
-    "model.dim=32",
-    "data.seq_len=16",
-    "data.batch_size=8",
-    "optim.steps=40",
-    "optim.warmup=2",
-    "optim.lr=1e-2",
-    "evaluation.period=20",
-    "evaluation.n_sequences=16",
-    "evaluation.batch_size=8",
-    "orchestration.logging.period=5",
-    "orchestration.probe.period=10",
-]
-
-
-def execute(name: str, **parameters) -> nbformat.NotebookNode:
-    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
-    first = next(cell for cell in notebook.cells if cell.cell_type == "code")
-    assert "parameters" in first.metadata.get("tags", [])
-    first.source += "\n# injected by the test\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
-    client = NotebookClient(
-        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": ROOT}}
-    )
-    client.execute(env=child_env())
-    return notebook
-
-
-def assert_plotly_html(path: Path) -> None:
-    assert path.is_file(), path
-    html = path.read_text()
-    assert "plotly-graph-div" in html and "Plotly.newPlot" in html, path
+from tests.conftest import NOTEBOOK_TINY_TRAINING, ROOT, fake_sweep, scaling_config, scaling_evals
+from tests.notebook_helpers import assert_plotly_html, execute, printed
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +18,13 @@ def probed(tmp_path_factory) -> tuple[Path, Path]:
     """probing.ipynb, training its own small model: (the run it trained, its figures)."""
     tmp = tmp_path_factory.mktemp("notebooks")
     run, out = tmp / "run", tmp / "figures"
-    execute("probing.ipynb", work_dir=str(run), train_args=TINY_TRAINING, n_sequences=64, out_dir=str(out))
+    execute(
+        "probing.ipynb",
+        work_dir=str(run),
+        train_args=NOTEBOOK_TINY_TRAINING,
+        n_sequences=64,
+        out_dir=str(out),
+    )
     return run, out
 
 
@@ -77,26 +51,19 @@ def test_notebooks_are_stored_without_outputs():
 # ----------------------------------------------------------------------------- scaling.ipynb
 
 
-def printed(notebook: nbformat.NotebookNode) -> str:
-    """Everything the notebook's cells printed."""
-    cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    return "".join(o.get("text", "") for cell in cells for o in cell.outputs if o.output_type == "stream")
-
-
 def test_scaling_notebook_recovers_known_laws_from_fake_sweeps(tmp_path):
     """Sweeps whose losses follow L = E + A/N^alpha + B/D^beta exactly: a one-variable fit's E is the
     floor of what its sweep held fixed, the joint fit's E the true one."""
     import pandas as pd
 
     from src.nanollama.monitor.results import non_embedding_parameters
-    from tests.nanollama.monitor.test_results_scaling import config, evals, fake_sweep
 
     E, A, alpha, B, beta = 1.3, 20.0, 0.5, 3.0, 0.5
 
     def law(N, D):
         return E + A * N**-alpha + B * D**-beta
 
-    N = {dim: non_embedding_parameters(config(dim)["model"]) for dim in (16, 32, 48, 64)}
+    N = {dim: non_embedding_parameters(scaling_config(dim)["model"]) for dim in (16, 32, 48, 64)}
     tasks = []  # 2 learning rates a size, the worse one 5% above: the notebook keeps the better
     for dim in N:
         for lr, worse in ((1e-3, 1.05), (1e-2, 1.0)):
@@ -105,8 +72,8 @@ def test_scaling_notebook_recovers_known_laws_from_fake_sweeps(tmp_path):
             tasks.append(
                 {
                     "values": {"model.dim": dim, "optim.lr": lr},
-                    "config": config(dim, lr),
-                    "evals": evals(*losses, bayes=E),
+                    "config": scaling_config(dim, lr),
+                    "evals": scaling_evals(*losses, bayes=E),
                 }
             )
     model_sweep = fake_sweep(tmp_path / "model", tasks)
@@ -114,11 +81,15 @@ def test_scaling_notebook_recovers_known_laws_from_fake_sweeps(tmp_path):
     for n in (32, 64, 128, 256, 512):
         path = tmp_path / f"d{n}"
         path.mkdir()
-        meta = {"graph": config(32)["data"]["gssm"], "n_sequences": {"train": n, "test": 32}}
+        meta = {"graph": scaling_config(32)["data"]["gssm"], "n_sequences": {"train": n, "test": 32}}
         (path / "meta.json").write_text(json.dumps(meta))
-        cfg = config(32, 1e-2, path=str(path))
+        cfg = scaling_config(32, 1e-2, path=str(path))
         tasks.append(
-            {"values": {"data.path": str(path)}, "config": cfg, "evals": evals(law(N[32], n), bayes=E)}
+            {
+                "values": {"data.path": str(path)},
+                "config": cfg,
+                "evals": scaling_evals(law(N[32], n), bayes=E),
+            }
         )
     data_sweep = fake_sweep(tmp_path / "data", tasks)
     out = tmp_path / "figures"

@@ -3,16 +3,10 @@ debug run there itself (as probing.ipynb does) and says so, instead of failing d
 
 from __future__ import annotations
 
-import nbformat
+from tests.conftest import NOTEBOOK_TINY_TRAINING
+from tests.notebook_helpers import assert_plotly_html, execute, printed
 
-from tests.notebooks.test_notebooks import TINY_TRAINING, assert_plotly_html, execute
-
-FEW_STEPS = [*TINY_TRAINING, "optim.steps=8", "evaluation.period=4", "orchestration.probe.period=4"]
-
-
-def printed(notebook: nbformat.NotebookNode) -> str:
-    cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    return "".join(o.get("text", "") for cell in cells for o in cell.outputs if o.output_type == "stream")
+FEW_STEPS = [*NOTEBOOK_TINY_TRAINING, "optim.steps=8", "evaluation.period=4", "orchestration.probe.period=4"]
 
 
 def test_runs_notebook_trains_the_debug_run_when_there_is_none(tmp_path):

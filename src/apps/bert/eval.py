@@ -26,9 +26,9 @@ class EvalRunConfig(TrainConfig):
 
 
 def run_eval(cfg: EvalRunConfig) -> dict:
-    path = checkpoint_to_evaluate(cfg)
+    path = checkpoint_to_evaluate(cfg, cfg.checkpoint)
     with Cluster(cfg.cluster) as cluster:
-        task = build_task(cfg, load_tokenizer(cfg))
+        task = build_task(cfg.task, cfg.data, cfg.evaluation, cfg.orchestration.seed, load_tokenizer(cfg))
         model = build_model(cfg, task, training=False, device=cluster.device)
         load_model_weights(path, model, ema=cfg.evaluation.use_ema)
         model = model.to(cluster.device).eval()

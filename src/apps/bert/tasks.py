@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +22,10 @@ from torch import Tensor, nn
 
 from ...nanollama.config import ConfigError, section
 from ...nanollama.data.loader import ResumableLoader
-from ...nanollama.data.packing import TextStream
+from ...nanollama.data.packing import TextDataConfig, TextStream
 from ...nanollama.data.text import Tokenizer
 from ...nanollama.distributed import Cluster
 from ...nanollama.model.transformer import Transformer
-from ...nanollama.trainer import check_text_masks
 from .data import (
     GLUE,
     IGNORE,
@@ -39,9 +38,6 @@ from .data import (
     split_sentences,
 )
 from .model import SentenceHead, TokenHead
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
 
 TASKS = ("mlm", "shuffled", "cola", "sst2")
 SPLITS = ("train", "valid", "test")
@@ -142,13 +138,17 @@ def mcc(tp: float, fp: float, tn: float, fn: float) -> float:
 
 
 class Task:
-    """What a task type brings to the shared loop; subclasses define the head, data, forward and dumps."""
+    """What a task type brings to the shared loop; subclasses define the head, data, forward and dumps.
+    It reads the task section (`cfg`), `data`, `ev` (evaluation) and `seed` (orchestration.seed)."""
 
     binary = False
     metric = "accuracy"  # the headline metric of the task
 
-    def __init__(self, cfg: TrainConfig, tokenizer: Tokenizer):
-        self.cfg, self.tokenizer, self.name = cfg, tokenizer, cfg.task.name
+    def __init__(
+        self, cfg: TaskConfig, data: TextDataConfig, ev: EvaluationConfig, seed: int, tokenizer: Tokenizer
+    ):
+        self.cfg, self.data, self.ev, self.seed = cfg, data, ev, seed
+        self.tokenizer, self.name = tokenizer, cfg.name
         self._train: list[tuple[Tensor, int]] = []  # (hits, count) of the micro-batches of this step
 
     def build_head(self, encoder: Transformer) -> nn.Module:
@@ -191,9 +191,11 @@ class Task:
 
 
 class MLMTask(Task):
-    def __init__(self, cfg: TrainConfig, tokenizer: Tokenizer):
-        super().__init__(cfg, tokenizer)
-        self.masker = Masker(tokenizer, cfg.task.mask_prob)
+    def __init__(
+        self, cfg: TaskConfig, data: TextDataConfig, ev: EvaluationConfig, seed: int, tokenizer: Tokenizer
+    ):
+        super().__init__(cfg, data, ev, seed, tokenizer)
+        self.masker = Masker(tokenizer, cfg.mask_prob)
 
     def build_head(self, encoder: Transformer) -> nn.Module:
         m = encoder.cfg
@@ -205,16 +207,15 @@ class MLMTask(Task):
         return head
 
     def stream(self, split: str, batch_size: int, rank: int, world_size: int) -> MaskedStream:
-        data = dataclasses.replace(self.cfg.data, batch_size=batch_size)
+        data = dataclasses.replace(self.data, batch_size=batch_size)
         if split != "train":
             data.epochs = 0  # evaluation reads its fixed first batches
         with section("data"):
             stream = TextStream(data, self.tokenizer, split, rank, world_size)
-        return MaskedStream(stream, self.masker, self.cfg.orchestration.seed, split)
+        return MaskedStream(stream, self.masker, self.seed, split)
 
     def check_inputs(self, world_size: int) -> None:
-        self.eval_stream("valid", 0, world_size)
-        check_text_masks(self.cfg, world_size)
+        self.eval_stream("valid", 0, world_size)  # its attention masks: `TrainConfig.check_inputs`
 
     def train_loader(self, batch_size: int, rank: int, world_size: int) -> MaskedStream:
         return self.stream("train", batch_size, rank, world_size)
@@ -229,7 +230,7 @@ class MLMTask(Task):
             raise ConfigError(
                 "split", f"mlm is evaluated on the valid split of the packed text, not {split!r}"
             )
-        size = self.cfg.evaluation.batch_size
+        size = self.ev.batch_size
         if size % world_size:
             raise ConfigError("evaluation.batch_size", f"{size} does not divide by world size {world_size}")
         return self.stream(split, size // world_size, rank, world_size)
@@ -237,7 +238,7 @@ class MLMTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, cluster: Cluster) -> dict[str, float]:
         stream, tally = self.eval_stream(split, cluster.rank, cluster.world_size), Tally()
-        for _ in range(self.cfg.evaluation.batches):
+        for _ in range(self.ev.batches):
             batch = [t.to(cluster.device) for t in next(stream)]
             with cluster.autocast():
                 tally.add(*self.forward(model, batch))
@@ -246,9 +247,9 @@ class MLMTask(Task):
     @torch.no_grad()
     def dump(self, model: nn.Module, device: torch.device) -> list[str]:
         """The first rows of the first valid batch: text with `[original→prediction]` at masked positions."""
-        if not self.cfg.task.dump:
+        if not self.cfg.dump:
             return []
-        inputs, doc_ids, targets = next(self.stream("valid", self.cfg.task.dump, 0, 1))
+        inputs, doc_ids, targets = next(self.stream("valid", self.cfg.dump, 0, 1))
         pred = model(inputs.to(device), doc_ids=doc_ids.to(device)).argmax(-1).cpu()
         decode = self.tokenizer.decode
         lines = []
@@ -276,14 +277,16 @@ class ClassificationTask(Task):
 
     binary = True
 
-    def __init__(self, cfg: TrainConfig, tokenizer: Tokenizer):
-        super().__init__(cfg, tokenizer)
+    def __init__(
+        self, cfg: TaskConfig, data: TextDataConfig, ev: EvaluationConfig, seed: int, tokenizer: Tokenizer
+    ):
+        super().__init__(cfg, data, ev, seed, tokenizer)
         self.metric = "mcc" if self.name == "cola" else "accuracy"
         self._sentences: dict[str, Sentences] = {}
         self._split_sentences: dict[str, list[str]] | None = None
 
     def examples(self, split: str) -> list[Example]:
-        t, data = self.cfg.task, self.cfg.data
+        t, data = self.cfg, self.data
         if t.name in GLUE:
             return read_glue(t.name, t.glue_dir, split)
         if self._split_sentences is None:
@@ -298,7 +301,7 @@ class ClassificationTask(Task):
         if split not in SPLITS:
             raise ConfigError("split", f"must be one of {', '.join(SPLITS)}, got {split!r}")
         if split not in self._sentences:
-            self._sentences[split] = Sentences(self.examples(split), self.tokenizer, self.cfg.data.seq_len)
+            self._sentences[split] = Sentences(self.examples(split), self.tokenizer, self.data.seq_len)
         return self._sentences[split]
 
     def check_inputs(self, world_size: int) -> None:
@@ -306,7 +309,7 @@ class ClassificationTask(Task):
             self.examples(split)
 
     def build_head(self, encoder: Transformer) -> nn.Module:
-        head = SentenceHead(encoder.cfg.dim, 2, self.cfg.task.pool)
+        head = SentenceHead(encoder.cfg.dim, 2, self.cfg.pool)
         nn.init.normal_(head.proj.weight, std=encoder.cfg.init_std)
         nn.init.zeros_(head.proj.bias)
         return head
@@ -315,7 +318,7 @@ class ClassificationTask(Task):
         data = self.sentences("train")
         if len(data) < batch_size * world_size:
             raise ConfigError("data.batch_size", f"larger than the {len(data)} training examples")
-        return ExampleLoader(data, batch_size, self.cfg.data.seed, rank, world_size)
+        return ExampleLoader(data, batch_size, self.data.seed, rank, world_size)
 
     def forward(self, model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         tokens, doc_ids, labels = batch
@@ -326,7 +329,7 @@ class ClassificationTask(Task):
         """The whole split, rank r taking examples r, r + w, ...; every rank runs as many batches (an empty
         share runs a filler batch of weight 0), since sharded models gather weights in every forward."""
         data, tally = self.sentences(split), Tally()
-        world, size = cluster.world_size, max(self.cfg.evaluation.batch_size // cluster.world_size, 1)
+        world, size = cluster.world_size, max(self.ev.batch_size // cluster.world_size, 1)
         share = list(range(cluster.rank, len(data), world))
         for start in range(0, math.ceil(len(data) / world), size):
             indices, weight = share[start : start + size], 1.0
@@ -341,7 +344,7 @@ class ClassificationTask(Task):
     def dump(self, model: nn.Module, device: torch.device) -> list[str]:
         """The first valid examples: label, prediction, p(label 1) and the sentence."""
         data = self.sentences("valid")
-        indices = list(range(min(self.cfg.task.dump, len(data))))
+        indices = list(range(min(self.cfg.dump, len(data))))
         if not indices:
             return []
         logits, labels = self.forward(model, [t.to(device) for t in data.batch(indices)])
@@ -352,5 +355,9 @@ class ClassificationTask(Task):
         ]
 
 
-def build_task(cfg: TrainConfig, tokenizer: Tokenizer) -> Task:
-    return MLMTask(cfg, tokenizer) if cfg.task.name == "mlm" else ClassificationTask(cfg, tokenizer)
+def build_task(
+    cfg: TaskConfig, data: TextDataConfig, ev: EvaluationConfig, seed: int, tokenizer: Tokenizer
+) -> Task:
+    """The handler of task `cfg.name`."""
+    kind = MLMTask if cfg.name == "mlm" else ClassificationTask
+    return kind(cfg, data, ev, seed, tokenizer)

@@ -6,8 +6,8 @@
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m src.apps.bert.train config=...
 
 `task.name` picks the task handler (`mlm`, `shuffled`, `cola`, `sst2`). A run restarted in its own log dir
-resumes fully. `init.checkpoint` (the core's, `src/nanollama/init.py`) starts a new run from another
-run's checkpoint: with the same task type it takes all the weights, with another it takes the encoder
+resumes fully. `init.checkpoint` (the core's, `src/nanollama/init_checkpoint.py`) starts a new run from
+another run's checkpoint: with the same task type it takes all the weights, with another it takes the encoder
 (`init.prefix_map` {"encoder.": "encoder."}) and starts a fresh head; either way the optimizer and
 schedule start anew (`optim.rewarm_steps` > 0 re-warms from the checkpoint's LR). An explicit
 `init.prefix_map` replaces that choice. `build_training` is the app's hook for the core's tools.
@@ -24,23 +24,20 @@ from typing import Any
 
 import torch
 
-from ...nanollama.config import ConfigError, entrypoint, read_yaml, to_dict
+from ...nanollama.app import RunConfig, Training, check_use_ema, train_entrypoint
+from ...nanollama.config import ConfigError, read_yaml, to_dict
 from ...nanollama.data.packing import TextDataConfig
 from ...nanollama.data.text import Tokenizer, TokenizerConfig
-from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
-from ...nanollama.init import InitConfig, check_init, load_init_weights, resumes
-from ...nanollama.init import find_init as find_checkpoint_to_start_from
+from ...nanollama.distributed import Cluster, detect_environment, micro_batch_size
+from ...nanollama.init_checkpoint import InitConfig, load_init_weights
+from ...nanollama.init_checkpoint import find_init as find_checkpoint_to_start_from
 from ...nanollama.model.transformer import TransformerConfig
-from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
-from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, freeze
 from ...nanollama.trainer import (
-    Training,
     build_text_tokenizer,
     build_transformer,
-    check_use_ema,
+    check_text_masks,
     eval_weights,
-    seed_everything,
-    train_step,
+    start_run,
 )
 from .model import Bert
 from .tasks import EvaluationConfig, Task, TaskConfig, build_task
@@ -49,19 +46,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+class TrainConfig(RunConfig):
     model: TransformerConfig = field(default_factory=lambda: TransformerConfig(causal=False))
     data: TextDataConfig = field(default_factory=TextDataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    init: InitConfig = field(default_factory=InitConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def check(self) -> None:
-        check_use_ema(self)
+        check_use_ema(self.evaluation.use_ema, self.optim)
         if self.model.causal:
             raise ConfigError("model.causal", "BERT is a bidirectional encoder: must be false")
         if self.data.seq_len < 3:
@@ -70,8 +63,15 @@ class TrainConfig:
     def check_inputs(self) -> None:
         """What the run will read, before the log dir exists: the tokenizer's files (a sentencepiece
         model is trained here, once; later calls load it from its cache) and the task's train and valid
-        data (GLUE files, held-out sentences or text), in batches that fit every rank."""
-        build_task(self, load_tokenizer(self)).check_inputs(detect_environment().world_size)
+        data (GLUE files, held-out sentences or text), in batches that fit every rank, and mlm's attention
+        masks."""
+        world = detect_environment().world_size
+        task = build_task(
+            self.task, self.data, self.evaluation, self.orchestration.seed, load_tokenizer(self)
+        )
+        task.check_inputs(world)
+        if task.name == "mlm":
+            check_text_masks(self, self.model, self.data, self.evaluation.batch_size, world)
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
@@ -147,23 +147,33 @@ def load_init(model: Bert, init: InitSource, task: str) -> None:
     logger.info(f"initialised {' and '.join(parts)} from {init.path} (task {init.task} -> {task}{fresh})")
 
 
+@dataclass
+class StepTokens:
+    """The tokens a step's batches held on all ranks (the task says what counts), reset by the loop."""
+
+    tokens: int = 0
+
+
 def build_training(
     cfg: TrainConfig, cluster: Cluster, loader: Any = None, init: bool = True, task: Task | None = None
 ) -> Training:
     """The app's training step for its loop and the core's tools (see `Training`); `task`: the one the
     loop built already."""
-    task = task or build_task(cfg, load_tokenizer(cfg))
+    task = task or build_task(cfg.task, cfg.data, cfg.evaluation, cfg.orchestration.seed, load_tokenizer(cfg))
     if loader is None:
         micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
         loader = task.train_loader(micro, cluster.rank, cluster.world_size)
     model = build_model(cfg, task, training=True, device=cluster.device)
     if init and (source := find_init(cfg)):
         load_init(model, source, task.name)
+    state = StepTokens()
 
     def next_batch() -> list[torch.Tensor]:
-        return [t.to(cluster.device, non_blocking=True) for t in next(loader)]
+        batch = next(loader)
+        state.tokens += task.tokens(batch) * cluster.world_size
+        return [t.to(cluster.device, non_blocking=True) for t in batch]
 
-    return Training(model, loader, next_batch, task.loss)
+    return Training(model, loader, next_batch, task.loss, state)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -174,53 +184,36 @@ def train(cfg: TrainConfig) -> None:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
         tokenizer = load_tokenizer(cfg)
-        task = build_task(cfg, tokenizer)
+        task = build_task(cfg.task, cfg.data, cfg.evaluation, cfg.orchestration.seed, tokenizer)
         loader = task.train_loader(micro, cluster.rank, cluster.world_size)
         init = find_init(cfg)
         if init and cfg.optim.rewarm_steps and not cfg.optim.rewarm_from:
             cfg.optim.rewarm_from = init.lr  # recorded in config.yaml, so a resume re-warms the same way
-        if init:  # names and shapes, before the log dir exists
-            build = partial(build_model, cfg, task, training=False, device=cluster.device)
-            check_init(cfg.init, build, init_prefix_map(init, task.name))
-        resuming = resumes(cfg.orchestration.log_dir)
-
-        monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
-        # a run's own checkpoint wins over its starting point
-        training = build_training(cfg, cluster, loader, init=not resuming, task=task)
-        loader = stack.enter_context(loader)
-        freeze(training.model, cfg.optim)  # `optim.groups` multipliers of 0, before DDP registers them
-        model = cluster.wrap(training.model)
-        optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
-        scheduler = build_scheduler(optimizer, cfg.optim)
-        seed_everything(cfg.orchestration.seed, cluster.rank)
-        step = monitor.resume(model, optimizer, scheduler, loader)
+        check_model = lambda: build_model(cfg, task, training=False, device=torch.device("meta"))  # noqa: E731
+        build = partial(build_training, task=task)
+        prefix_map = init_prefix_map(init, task.name) if init else None
+        run = stack.enter_context(
+            start_run(cfg, cluster, loader, build, check_model, cfg.data.seq_len, prefix_map=prefix_map)
+        )
+        step, monitor, tokens = run.step, run.monitor, run.training.state
         logger.info(
             f"task {task.name}: training from step {step} to {cfg.optim.steps}, {micro} rows/rank/micro-step"
         )
-        loss_fn, step_tokens = partial(task.loss, model), 0
-
-        def next_batch() -> list[torch.Tensor]:
-            nonlocal step_tokens
-            batch = next(loader)
-            step_tokens += task.tokens(batch) * cluster.world_size
-            return [t.to(cluster.device, non_blocking=True) for t in batch]
 
         while step < cfg.optim.steps and not monitor.stop:
-            loss, metrics = train_step(
-                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, next_batch, loss_fn
-            )
+            loss, metrics = run.train_step(step)
             step += 1
             with monitor.phase("eval"):
                 if cfg.evaluation.due(step, cfg.optim.steps):
                     with eval_weights(monitor, cfg.evaluation.use_ema):
-                        monitor.log_eval(step, task.evaluate(model, "valid", cluster))
-                        for line in task.dump(model, cluster.device):
+                        monitor.log_eval(step, task.evaluate(run.model, "valid", cluster))
+                        for line in task.dump(run.model, cluster.device):
                             logger.info(f"prediction at step {step}: {line}")
-            step = monitor.end_step(step, loss, step_tokens, **metrics, **task.train_metrics())
-            step_tokens = 0
+            step = monitor.end_step(step, loss, tokens.tokens, **metrics, **task.train_metrics())
+            tokens.tokens = 0
 
 
-main = entrypoint(TrainConfig, train)
+main = train_entrypoint(TrainConfig, train, build_training)
 
 
 if __name__ == "__main__":

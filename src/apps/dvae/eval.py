@@ -80,7 +80,7 @@ def show_task(model: DVAE, cfg: EvalRunConfig, device: torch.device) -> dict:
 
 
 def run_eval(cfg: EvalRunConfig) -> dict:
-    path = checkpoint_to_evaluate(cfg)
+    path = checkpoint_to_evaluate(cfg, cfg.checkpoint)
     with Cluster(cfg.cluster) as cluster:
         model = build_model(cfg, cluster.device)
         load_model_weights(path, model, ema=cfg.evaluation.use_ema)

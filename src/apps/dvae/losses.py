@@ -45,8 +45,14 @@ class LossConfig:
     def check(self) -> None:
         if not 0 <= self.pad_weight <= 1:
             raise ConfigError("pad_weight", f"must be in [0, 1], got {self.pad_weight}")
-        if self.kl.bounds()[0] < 0:
-            raise ConfigError("kl.start", "the KL weight must stay >= 0")
+        if key := self.kl.outside(lambda weight: weight >= 0):
+            raise ConfigError(f"kl.{key}", f"the KL weight must stay >= 0, got {getattr(self.kl, key)}")
+        for key in ("mi_weight", "tc_weight", "dim_kl_weight"):  # a negative one rewards the term: unbounded
+            if getattr(self, key) < 0:
+                raise ConfigError(
+                    key,
+                    f"must be >= 0 (a negative one makes the loss unbounded below), got {getattr(self, key)}",
+                )
 
     @property
     def tcvae(self) -> bool:

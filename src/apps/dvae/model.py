@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...nanollama.app import set_vocab_size
 from ...nanollama.config import ConfigError
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from .data import GridVocab, seq_len
@@ -68,12 +69,7 @@ class DVAEConfig:
             sub = getattr(self, part)
             if sub.causal:
                 raise ConfigError(f"{part}.causal", "the dVAE reads whole grids: must be false")
-            # resolved here, so config.yaml (and a resume or eval check) records the vocabulary used
-            if sub.vocab_size not in (0, self.vocab.size):
-                raise ConfigError(
-                    f"{part}.vocab_size", f"{sub.vocab_size} != {self.vocab.size} (n_colours + 4)"
-                )
-            sub.vocab_size = self.vocab.size
+            set_vocab_size(sub, self.vocab.size, "grid vocabulary (n_colours + 4)", f"{part}.vocab_size")
 
 
 @dataclass
@@ -90,14 +86,16 @@ class QuantiserConfig:
     def check(self) -> None:
         if self.kind not in QUANTISERS:
             raise ConfigError("kind", f"'{self.kind}' is not one of {', '.join(QUANTISERS)}")
-        low, _ = self.tau.bounds()
-        if not low > 0:
-            raise ConfigError("tau.start", f"the temperature must stay > 0, the schedule reaches {low}")
-        if self.kind == "reinmax" and low < 1:
-            key = "tau.start" if self.tau.start < 1 else "tau.end"
-            raise ConfigError(key, f"reinmax needs tau >= 1 (Liu et al. 2023), the schedule reaches {low:g}")
-        if self.noise.bounds()[0] < 0:
-            raise ConfigError("noise.start", "the noise scale must stay >= 0")
+        if key := self.tau.outside(lambda tau: tau > 0):
+            raise ConfigError(f"tau.{key}", f"the temperature must stay > 0, got {getattr(self.tau, key)}")
+        if self.kind == "reinmax" and (key := self.tau.outside(lambda tau: tau >= 1)):
+            raise ConfigError(
+                f"tau.{key}", f"reinmax needs tau >= 1 (Liu et al. 2023), got {getattr(self.tau, key):g}"
+            )
+        if key := self.noise.outside(lambda scale: scale >= 0):
+            raise ConfigError(
+                f"noise.{key}", f"the noise scale must stay >= 0, got {getattr(self.noise, key)}"
+            )
         if not 0 <= self.hard_prob <= 1:
             raise ConfigError("hard_prob", f"must be in [0, 1], got {self.hard_prob}")
         if self.hard_start < 0:

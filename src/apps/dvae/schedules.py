@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from ...nanollama.config import ConfigError
 
@@ -35,7 +36,9 @@ class ScheduleConfig:
             return self.start + (self.end - self.start) * t
         return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * t))
 
-    def bounds(self) -> tuple[float, float]:
-        """The smallest and largest value the schedule takes."""
-        values = (self.start,) if self.shape == "constant" else (self.start, self.end)
-        return min(values), max(values)
+    def outside(self, allowed: Callable[[float], bool]) -> str:
+        """The key (`start` or `end`) of the first value the schedule takes that is not `allowed`, or ""."""
+        for key in ("start",) if self.shape == "constant" else ("start", "end"):
+            if not allowed(getattr(self, key)):
+                return key
+        return ""

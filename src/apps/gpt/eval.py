@@ -38,11 +38,14 @@ def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[T
 
 
 def run_eval(cfg: EvalRunConfig) -> dict:
-    path = checkpoint_to_evaluate(cfg)
+    path = checkpoint_to_evaluate(cfg, cfg.checkpoint)
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         tokenizer, model = load_frozen(cfg, path, cluster.device)
-        result = {"step": checkpoint_step(path), **evaluate(model, tokenizer, cfg, cluster)}
+        result = {
+            "step": checkpoint_step(path),
+            **evaluate(model, tokenizer, cfg.evaluation, cfg.data, cluster),
+        }
         if cluster.is_main:
             print(
                 f"step {result['step']}: eval loss {result['loss']:.4f} nats/token, perplexity "

@@ -9,21 +9,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...nanollama.config import ConfigError, section
-from ...nanollama.data.packing import TextStream
+from ...nanollama.config import ConfigError, check_range, section
+from ...nanollama.data.packing import TextDataConfig, TextStream
 from ...nanollama.data.text import Tokenizer
-from ...nanollama.distributed import Cluster
+from ...nanollama.distributed import Cluster, unwrap
 from ...nanollama.model.generate import generate
-from ...nanollama.monitor.probe import unwrap
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
 
 
 @dataclass
@@ -53,21 +48,22 @@ class GenerationConfig:
     temperature: float = 0.8
 
     def check(self) -> None:
-        if self.period < 0 or self.max_new_tokens < 0 or self.temperature < 0:
-            raise ConfigError("period", "period, max_new_tokens and temperature must be >= 0")
+        for key in ("period", "max_new_tokens", "temperature"):
+            check_range(self, key, 0)
 
     def due(self, step: int, total_steps: int) -> bool:
         return self.period > 0 and (step % self.period == 0 or step == total_steps)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokenizer: Tokenizer, cfg: TrainConfig, cluster: Cluster) -> dict[str, float]:
-    """Sums of losses, tokens and bytes over every rank's share of the first `evaluation.batches`
-    validation batches (one small collective), divided once."""
-    ev = cfg.evaluation
+def evaluate(
+    model: nn.Module, tokenizer: Tokenizer, ev: EvaluationConfig, data: TextDataConfig, cluster: Cluster
+) -> dict[str, float]:
+    """Sums of losses, tokens and bytes over every rank's share of the first `ev.batches` validation
+    batches of `data` (one small collective), divided once."""
     if ev.batch_size % cluster.world_size:
         raise ConfigError("evaluation.batch_size", f"does not divide by world size {cluster.world_size}")
-    data = dataclasses.replace(cfg.data, batch_size=ev.batch_size // cluster.world_size, epochs=0)
+    data = dataclasses.replace(data, batch_size=ev.batch_size // cluster.world_size, epochs=0)
     with section("data"):
         stream = TextStream(data, tokenizer, "valid", cluster.rank, cluster.world_size)
     was_training = model.training

@@ -25,7 +25,7 @@ class GenerateConfig(EvalRunConfig):
 
 
 def run_generate(cfg: GenerateConfig) -> str:
-    path = checkpoint_to_evaluate(cfg)
+    path = checkpoint_to_evaluate(cfg, cfg.checkpoint)
     with Cluster(cfg.cluster) as cluster:
         tokenizer, model = load_frozen(cfg, path, cluster.device)
         (text,) = complete(

@@ -17,29 +17,25 @@ import dataclasses
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 
-from ...nanollama.config import ConfigError, entrypoint, section
+from ...nanollama.app import RunConfig, Training, check_use_ema, train_entrypoint
+from ...nanollama.config import ConfigError, section
 from ...nanollama.data.packing import TextDataConfig, TextStream
 from ...nanollama.data.text import Tokenizer, TokenizerConfig
-from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
-from ...nanollama.init import InitConfig, check_init, load_init, resumes
+from ...nanollama.distributed import Cluster, detect_environment, micro_batch_size
+from ...nanollama.init_checkpoint import load_init
 from ...nanollama.model.transformer import Transformer, TransformerConfig
-from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
-from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, freeze
 from ...nanollama.trainer import (
-    Training,
     build_text_tokenizer,
     build_transformer,
     causal_lm_loss,
     check_text_masks,
-    check_use_ema,
     eval_weights,
-    seed_everything,
-    train_step,
+    start_run,
+    steps_in_epochs,
 )
 from .evaluation import EvaluationConfig, GenerationConfig, complete, evaluate
 
@@ -47,19 +43,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+class TrainConfig(RunConfig):
     model: TransformerConfig = field(default_factory=TransformerConfig)
     data: TextDataConfig = field(default_factory=TextDataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    init: InitConfig = field(default_factory=InitConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def check(self) -> None:
-        check_use_ema(self)
+        check_use_ema(self.evaluation.use_ema, self.optim)
 
     def check_inputs(self) -> None:
         """What the run will read, before the log dir exists: the tokenizer's files (a sentencepiece
@@ -74,7 +66,7 @@ class TrainConfig:
             )
         with section("data"):
             TextStream(self.data, tokenizer, "valid", 0, world)
-        check_text_masks(self, world)
+        check_text_masks(self, self.model, self.data, ev.batch_size, world)
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
@@ -89,16 +81,6 @@ def gpt_loss(model: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
     """Next-token loss of packed rows; the document mask keeps attention inside each document."""
     tokens, doc_ids = batch
     return causal_lm_loss(model(tokens[:, :-1], doc_ids=doc_ids[:, :-1]), tokens)
-
-
-def steps_in_epochs(stream: TextStream, cluster: Cluster, accumulation_steps: int) -> int:
-    """Optimizer steps of a `data.epochs`-long run: the fewest batches any rank's shard gives (shards
-    hold as many documents but not as many tokens), so that every rank stops at the same step."""
-    batches = -cluster.all_reduce([-float(stream.count_batches())], op="max")[0]
-    steps = int(batches) // accumulation_steps
-    if steps < 1:
-        raise ConfigError("data.epochs", f"{stream.cfg.epochs} epochs give {int(batches)} batches per rank")
-    return steps
 
 
 def log_samples(model: torch.nn.Module, tokenizer: Tokenizer, cfg: TrainConfig, step: int) -> None:
@@ -135,43 +117,33 @@ def train(cfg: TrainConfig) -> None:
         acc = cfg.optim.accumulation_steps
         micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, acc)
         tokenizer = load_tokenizer(cfg)
-        seed, rank = cfg.orchestration.seed, cluster.rank
         stream = train_stream(cfg, tokenizer, cluster)
         if cfg.data.epochs:  # the run is as long as the data
-            cfg.optim.steps = steps_in_epochs(stream, cluster, acc)
-        check_init(cfg.init, lambda: build_model(cfg, training=False, device=cluster.device))
-        resuming = resumes(cfg.orchestration.log_dir)
-
-        monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
-        training = build_training(cfg, cluster, stream, init=not resuming)
-        stream = stack.enter_context(stream)
-        freeze(training.model, cfg.optim)  # `optim.groups` multipliers of 0, before DDP registers them
-        model = cluster.wrap(training.model)
-        optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
-        scheduler = build_scheduler(optimizer, cfg.optim)
-        seed_everything(seed, rank)
-        step = monitor.resume(model, optimizer, scheduler, stream)
+            cfg.optim.steps = steps_in_epochs(stream.count_batches(), cluster, acc, str(cfg.data.epochs))
+        check_model = lambda: build_model(cfg, training=False, device=torch.device("meta"))  # noqa: E731
+        run = stack.enter_context(
+            start_run(cfg, cluster, stream, build_training, check_model, cfg.data.seq_len)
+        )
+        step, monitor = run.step, run.monitor
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         length = f" ({cfg.data.epochs} epochs of the data)" if cfg.data.epochs else ""
         logger.info(f"training from step {step} to {cfg.optim.steps}{length}, {micro} rows/rank/micro-step")
 
-        next_batch, loss_fn = training.next_batch, partial(training.loss, model)
-
         while step < cfg.optim.steps and not monitor.stop:
-            loss, metrics = train_step(
-                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, next_batch, loss_fn
-            )
+            loss, metrics = run.train_step(step)
             step += 1
             with monitor.phase("eval"):
                 if cfg.evaluation.due(step, cfg.optim.steps):
                     with eval_weights(monitor, cfg.evaluation.use_ema):
-                        monitor.log_eval(step, evaluate(model, tokenizer, cfg, cluster))
+                        monitor.log_eval(
+                            step, evaluate(run.model, tokenizer, cfg.evaluation, cfg.data, cluster)
+                        )
                 if cfg.generation.due(step, cfg.optim.steps):
-                    log_samples(model, tokenizer, cfg, step)
+                    log_samples(run.model, tokenizer, cfg, step)
             step = monitor.end_step(step, loss, tokens_per_step, **metrics)
 
 
-main = entrypoint(TrainConfig, train)
+main = train_entrypoint(TrainConfig, train, build_training)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ...nanollama.app import set_vocab_size
 from ...nanollama.config import entrypoint
 from ...nanollama.distributed import Cluster
 from ...nanollama.model.transformer import Transformer
@@ -27,7 +28,7 @@ from ...nanollama.monitor.checkpoint import checkpoint_step, load_model_weights
 from ...nanollama.trainer import checkpoint_to_evaluate, record_eval
 from .evaluation import bucket_edges, evaluate
 from .generator import GSSM
-from .train import TrainConfig, build_model, set_vocab_size
+from .train import TrainConfig, build_model
 
 # Recorded on every eval line: a checkpoint may be evaluated with another RoPE scaling than it trained with.
 ROPE_KEYS = ("rope_scaling", "rope_factor", "rope_original_length")
@@ -41,20 +42,20 @@ class EvalRunConfig(TrainConfig):
 def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[GSSM, Transformer]:
     """The run's true model and the checkpoint's weights, in eval mode, for evaluation and probing."""
     gssm = GSSM(cfg.data.gssm)
-    set_vocab_size(cfg, gssm)
+    set_vocab_size(cfg.model, gssm.vocab_size, "observed node")
     model = build_model(cfg, training=False, device=device)
     load_model_weights(path, model, ema=cfg.evaluation.use_ema)
     return gssm, model.to(device).eval()
 
 
 def run_eval(cfg: EvalRunConfig) -> dict:
-    path = checkpoint_to_evaluate(cfg)
+    path = checkpoint_to_evaluate(cfg, cfg.checkpoint)
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         gssm, model = load_frozen(cfg, path, cluster.device)
         result = {
             "step": checkpoint_step(path),
-            **evaluate(model, gssm, cfg, cluster),
+            **evaluate(model, gssm, cfg.evaluation, cfg.data, cfg.orchestration.seed, cluster),
             **{key: getattr(cfg.model, key) for key in ROPE_KEYS},
             "checkpoint": str(path),
         }

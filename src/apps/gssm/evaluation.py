@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,11 +18,8 @@ from torch import Tensor, nn
 
 from ...nanollama.config import ConfigError
 from ...nanollama.distributed import Cluster
-from .data import check_dataset, eval_batches, eval_seq_len, eval_sequences
+from .data import DataConfig, check_dataset, eval_batches, eval_seq_len, eval_sequences
 from .generator import GSSM
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
 
 
 @dataclass
@@ -56,19 +52,18 @@ class EvaluationConfig:
         return step == total_steps or (self.period > 0 and step % self.period == 0)
 
 
-def check_evaluation(cfg: TrainConfig, world_size: int = 1) -> int:
-    """Checks across sections, so that a script refuses bad input at start-up (`check_inputs`) rather
-    than at its first evaluation: lengths and sizes, then the dataset on disk; returns the evaluation
-    length."""
-    ev = cfg.evaluation
-    seq_len = eval_seq_len(cfg.data, ev.seq_len)
+def check_evaluation(ev: EvaluationConfig, data: DataConfig, world_size: int = 1) -> int:
+    """Checks across the two sections, so that a script refuses bad input at start-up (`check_inputs`)
+    rather than at its first evaluation: lengths and sizes, then the dataset on disk; returns the
+    evaluation length."""
+    seq_len = eval_seq_len(data, ev.seq_len)
     if ev.position_buckets > seq_len:
         raise ConfigError("evaluation.position_buckets", f"{ev.position_buckets} > {seq_len} positions")
     if ev.batch_size < world_size:
         raise ConfigError("evaluation.batch_size", f"{ev.batch_size} is below the world size {world_size}")
-    if cfg.data.path:
-        check_dataset(cfg.data)  # complete and of the training length, before its test split is read
-    n_sequences = eval_sequences(cfg.data, ev.n_sequences)
+    if data.path:
+        check_dataset(data)  # complete and of the training length, before its test split is read
+    n_sequences = eval_sequences(data, ev.n_sequences)
     if n_sequences < world_size:  # each rank evaluates its share of every batch: at least one sequence
         raise ConfigError("evaluation.n_sequences", f"{n_sequences} sequences for {world_size} ranks")
     return seq_len
@@ -99,22 +94,24 @@ def _losses(loss_sum: float, bayes_sum: float, count: int, suffix: str) -> dict[
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, gssm: GSSM, cfg: TrainConfig, cluster: Cluster) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, gssm: GSSM, ev: EvaluationConfig, data: DataConfig, seed: int, cluster: Cluster
+) -> dict[str, float]:
     """Per-position sums of losses and the number of sequences are reduced across ranks (one small
-    collective), then divided once, overall and per position bucket."""
-    ev = cfg.evaluation
-    seq_len = check_evaluation(cfg, cluster.world_size)
+    collective), then divided once, overall and per position bucket; `seed` (orchestration.seed) draws
+    the held-out sequences."""
+    seq_len = check_evaluation(ev, data, cluster.world_size)
     was_training = model.training
     model.eval()
     loss_sums = torch.zeros(seq_len, dtype=torch.float64)
     bayes_sums = torch.zeros(seq_len, dtype=torch.float64)
     n_sequences = 0
     batches = eval_batches(
-        cfg.data,
+        data,
         gssm,
         ev.n_sequences,
         ev.batch_size,
-        cfg.orchestration.seed,
+        seed,
         cluster.rank,
         cluster.world_size,
         seq_len,

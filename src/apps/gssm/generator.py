@@ -17,16 +17,10 @@ into one flat table indexed with a per-sequence offset, so they take the same pa
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
-import shutil
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -354,54 +348,3 @@ def split_rng(seed: int, split: str) -> np.random.Generator:
     """An independent stream per split name: train and test never draw from the same stream, and adding a
     split leaves the others unchanged."""
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(zlib.crc32(split.encode()),)))
-
-
-def write_dataset(
-    gssm: GSSM,
-    folder: str | os.PathLike,
-    n_sequences: dict[str, int],
-    seq_len: int,
-    seed: int,
-    batch_size: int = 256,
-) -> None:
-    """Write `{split}.npy` (N, T) int32 tokens, `{split}_bayes.npy` (N, T) float32 log p(x_t | x_<t) under the
-    true model, and `meta.json`; all into a temporary sibling folder renamed at the end, so `folder` either
-    holds a complete dataset or does not exist."""
-    from .bayes import conditional_logprobs, joint_size
-
-    folder = Path(folder)
-    if folder.exists():
-        raise FileExistsError(f"dataset folder already exists: {folder}")
-    joint_size(gssm)  # fail before generating anything if the Bayes pass is intractable
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        bayes_loss = {}
-        for split, n in n_sequences.items():
-            rng = split_rng(seed, split)
-            tokens = np.lib.format.open_memmap(tmp / f"{split}.npy", "w+", np.int32, (n, seq_len))
-            logprobs = np.lib.format.open_memmap(tmp / f"{split}_bayes.npy", "w+", np.float32, (n, seq_len))
-            total = 0.0
-            for lo in range(0, n, batch_size):
-                sample = gssm.sample(min(batch_size, n - lo), seq_len, rng)
-                lp = conditional_logprobs(gssm, sample)
-                tokens[lo : lo + len(lp)] = sample.tokens
-                logprobs[lo : lo + len(lp)] = lp
-                total -= lp[:, 1:].sum()
-            tokens.flush()
-            logprobs.flush()
-            del tokens, logprobs  # close the memory maps before the rename
-            bayes_loss[split] = total / max(1, n * (seq_len - 1))
-        meta = {
-            "graph": dataclasses.asdict(gssm.cfg),
-            "vocab_size": gssm.vocab_size,
-            "seq_len": seq_len,
-            "seed": seed,
-            "n_sequences": dict(n_sequences),
-            "bayes_loss": bayes_loss,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -24,8 +24,8 @@ import torch
 
 from ...nanollama.config import entrypoint
 from ...nanollama.distributed import Cluster
+from ...nanollama.linear_probe import LinearProbeConfig, probe_accuracy, residual_streams
 from ...nanollama.monitor.checkpoint import checkpoint_step
-from ...nanollama.probing import LinearProbeConfig, probe_accuracy, residual_streams
 from ...nanollama.trainer import checkpoint_to_evaluate
 from .bayes import filtered_marginals, joint_size
 from .eval import EvalRunConfig, load_frozen
@@ -53,7 +53,7 @@ def bayes_accuracies(gssm: GSSM, sample: Sample, test: slice) -> dict[str, float
 
 
 def run_probe(cfg: ProbeRunConfig) -> dict:
-    path = checkpoint_to_evaluate(cfg)
+    path = checkpoint_to_evaluate(cfg, cfg.checkpoint)
     pc = cfg.probing
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))

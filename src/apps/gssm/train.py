@@ -13,29 +13,18 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...nanollama.config import ConfigError, entrypoint
-from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
-from ...nanollama.init import InitConfig, check_init, load_init, resumes
+from ...nanollama.app import RunConfig, Training, check_use_ema, set_vocab_size, train_entrypoint
+from ...nanollama.distributed import Cluster, detect_environment, micro_batch_size
+from ...nanollama.init_checkpoint import load_init
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from ...nanollama.monitor.early_stopping import EarlyStopping
 from ...nanollama.monitor.logger import read_jsonl
-from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
-from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, freeze
-from ...nanollama.trainer import (
-    Training,
-    build_transformer,
-    causal_lm_loss,
-    check_use_ema,
-    eval_weights,
-    seed_everything,
-    train_step,
-)
+from ...nanollama.trainer import build_transformer, causal_lm_loss, eval_weights, start_run
 from .data import DataConfig, build_stream
 from .evaluation import EvaluationConfig, check_evaluation, evaluate
 from .generator import GSSM
@@ -44,31 +33,18 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+class TrainConfig(RunConfig):
     model: TransformerConfig = field(default_factory=TransformerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    init: InitConfig = field(default_factory=InitConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def check(self) -> None:
-        check_use_ema(self)
+        check_use_ema(self.evaluation.use_ema, self.optim)
 
     def check_inputs(self) -> None:
         """What the run will read, before the log dir exists: the dataset on disk and the held-out
         sequences of every evaluation."""
-        check_evaluation(self, detect_environment().world_size)
-
-
-def set_vocab_size(cfg: TrainConfig, gssm: GSSM) -> None:
-    """The vocabulary is the observed node's states (0 in the config means: take it from the graph)."""
-    if cfg.model.vocab_size not in (0, gssm.vocab_size):
-        raise ConfigError(
-            "model.vocab_size", f"{cfg.model.vocab_size} != observed state_dim {gssm.vocab_size}"
-        )
-    cfg.model.vocab_size = gssm.vocab_size
+        check_evaluation(self.evaluation, self.data, detect_environment().world_size)
 
 
 def build_model(cfg: TrainConfig, training: bool, device: torch.device) -> Transformer:
@@ -83,7 +59,7 @@ def build_training(cfg: TrainConfig, cluster: Cluster, loader: Any = None, init:
     """The app's training step for its loop and the core's tools (see `Training`)."""
     if loader is None:
         gssm = GSSM(cfg.data.gssm)
-        set_vocab_size(cfg, gssm)
+        set_vocab_size(cfg.model, gssm.vocab_size, "observed node")  # its state_dim
         micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
         seed = cfg.orchestration.seed
         loader = build_stream(cfg.data, gssm, micro, seed, cluster.rank, cluster.world_size)
@@ -100,39 +76,29 @@ def build_training(cfg: TrainConfig, cluster: Cluster, loader: Any = None, init:
 def train(cfg: TrainConfig) -> None:
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
-        acc = cfg.optim.accumulation_steps
-        micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, acc)
+        micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
         gssm = GSSM(cfg.data.gssm)
-        seed, rank = cfg.orchestration.seed, cluster.rank
-        stream = build_stream(cfg.data, gssm, micro, seed, rank, cluster.world_size)
-        set_vocab_size(cfg, gssm)
-        check_init(cfg.init, lambda: build_model(cfg, training=False, device=cluster.device))
-        resuming = resumes(cfg.orchestration.log_dir)
-
-        monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
-        training = build_training(cfg, cluster, stream, init=not resuming)
-        stream = stack.enter_context(stream)
-        freeze(training.model, cfg.optim)  # `optim.groups` multipliers of 0, before DDP registers them
-        model = cluster.wrap(training.model)
-        optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
-        scheduler = build_scheduler(optimizer, cfg.optim)
-        seed_everything(seed, rank)
-        step = monitor.resume(model, optimizer, scheduler, stream)
+        set_vocab_size(cfg.model, gssm.vocab_size, "observed node")
+        stream = build_stream(cfg.data, gssm, micro, cfg.orchestration.seed, cluster.rank, cluster.world_size)
+        check_model = lambda: build_model(cfg, training=False, device=torch.device("meta"))  # noqa: E731
+        run = stack.enter_context(
+            start_run(cfg, cluster, stream, build_training, check_model, cfg.data.seq_len)
+        )
+        step, monitor = run.step, run.monitor
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         logger.info(f"training from step {step} to {cfg.optim.steps}, {micro} sequences/rank/micro-step")
-        next_batch, loss_fn = training.next_batch, partial(training.loss, model)
         early = EarlyStopping(cfg.evaluation.early_stop_patience)
         early.replay(read_jsonl(monitor.evals.path), until=step)
 
         while step < cfg.optim.steps and not monitor.stop and not early.stopped:
-            loss, metrics = train_step(
-                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, next_batch, loss_fn
-            )
+            loss, metrics = run.train_step(step)
             step += 1
             eval_due = cfg.evaluation.due(step, cfg.optim.steps)
             if eval_due and not cfg.evaluation.asynchronous:
                 with monitor.phase("eval"), eval_weights(monitor, cfg.evaluation.use_ema):
-                    metrics_eval = evaluate(model, gssm, cfg, cluster)
+                    metrics_eval = evaluate(
+                        run.model, gssm, cfg.evaluation, cfg.data, cfg.orchestration.seed, cluster
+                    )
                     monitor.log_eval(step, metrics_eval)
                 if early.observe(step, metrics_eval):
                     best = {"best_step": early.best_step, "best_loss": early.best}
@@ -142,7 +108,7 @@ def train(cfg: TrainConfig) -> None:
             step = monitor.end_step(step, loss, tokens_per_step, eval_checkpoint, **metrics)
 
 
-main = entrypoint(TrainConfig, train)
+main = train_entrypoint(TrainConfig, train, build_training)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class EvalRunConfig(TrainConfig):
 
 
 def run_eval(cfg: EvalRunConfig) -> dict:
-    path = checkpoint_to_evaluate(cfg)
+    path = checkpoint_to_evaluate(cfg, cfg.checkpoint)
     with Cluster(cfg.cluster) as cluster:
         tok = load_tokenizer(cfg)
         model = build_model(cfg, training=False, device=cluster.device)
@@ -41,7 +41,8 @@ def run_eval(cfg: EvalRunConfig) -> dict:
         model = model.to(cluster.device).eval()
         step = checkpoint_step(path)
         stage = Schedule(cfg.train, cfg.data).stage(max(step - 1, 0))
-        metrics = evaluate(model, tok, cfg, cluster, stage, cfg.split)
+        seed = cfg.orchestration.seed
+        metrics = evaluate(model, tok, cfg.evaluation, cfg.data, cfg.train, seed, cluster, stage, cfg.split)
         result = {"step": step, **metrics, "split": cfg.split}
         if cluster.is_main:
             print(

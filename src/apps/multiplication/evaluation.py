@@ -11,22 +11,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...nanollama.config import ConfigError
-from ...nanollama.distributed import Cluster
+from ...nanollama.config import ConfigError, check_range
+from ...nanollama.distributed import Cluster, unwrap
 from ...nanollama.model.generate import generate
-from ...nanollama.monitor.probe import unwrap
-from .data import ANSWER, CHAIN, SEP, MultiplicationTokenizer, Problem, collate, load_split
+from .data import ANSWER, CHAIN, SEP, DataConfig, MultiplicationTokenizer, Problem, collate, load_split
 from .model import MultiplicationModel
-from .modes import Schedule, latent_span
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
+from .modes import Schedule, TrainingConfig, latent_span
 
 
 @dataclass
@@ -40,8 +35,8 @@ class EvaluationConfig:
     def check(self) -> None:
         if self.period < 0:
             raise ConfigError("period", f"must be >= 0, got {self.period}")
-        if self.n_problems < 1 or self.batch_size < 1:
-            raise ConfigError("n_problems", "n_problems and batch_size must be >= 1")
+        check_range(self, "n_problems", 1)
+        check_range(self, "batch_size", 1)
 
     def due(self, step: int, total_steps: int) -> bool:
         return step == total_steps or (self.period > 0 and step % self.period == 0)
@@ -100,17 +95,21 @@ def answer_batch(
 def evaluate(
     model: nn.Module,
     tok: MultiplicationTokenizer,
-    cfg: TrainConfig,
+    ev: EvaluationConfig,
+    data: DataConfig,
+    train: TrainingConfig,
+    seed: int,
     cluster: Cluster,
     stage: int,
     split: str = "valid",
     problems: list[Problem] | None = None,
 ) -> dict[str, float]:
-    """Metrics of the split's first `evaluation.n_problems` problems, laid out as at `stage`."""
-    ev, inner = cfg.evaluation, unwrap(model)
-    schedule = Schedule(cfg.train, cfg.data)
+    """Metrics of the split's first `ev.n_problems` problems (drawn with `seed`, orchestration.seed),
+    laid out as at `stage` of the `train` schedule."""
+    inner = unwrap(model)
+    schedule = Schedule(train, data)
     if problems is None:
-        problems = load_split(cfg.data, split, ev.n_problems, cfg.orchestration.seed)
+        problems = load_split(data, split, ev.n_problems, seed)
     mine = problems[cluster.rank :: cluster.world_size]
     width = len(problems[0].answer)
     was_training = inner.training

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...nanollama.config import ConfigError
+from ...nanollama.config import ConfigError, check_range
 from .data import ANSWER, CHAIN, LATENT, SEP, DataConfig, RowLayout, make_problem
 
 MODES = ("plain", "cot", "latent", "internalize")
@@ -38,8 +38,8 @@ class LatentConfig:
     def check(self) -> None:
         if self.kind not in ("learned", "continuous"):
             raise ConfigError("kind", f"must be learned or continuous, got {self.kind!r}")
-        if self.num_latent < 0 or self.per_step < 1:
-            raise ConfigError("num_latent", "num_latent must be >= 0 and per_step >= 1")
+        check_range(self, "num_latent", 0)
+        check_range(self, "per_step", 1)
 
 
 @dataclass
@@ -49,8 +49,8 @@ class CurriculumConfig:
     reset_optimizer: bool = True  # reset the optimizer's state when the stage changes
 
     def check(self) -> None:
-        if self.stage_steps < 0 or self.max_stage < 0:
-            raise ConfigError("stage_steps", "stage_steps and max_stage must be >= 0")
+        check_range(self, "stage_steps", 0)
+        check_range(self, "max_stage", 0)
 
 
 @dataclass
@@ -59,8 +59,8 @@ class InternalizeConfig:
     smoothing: float = 4.0  # lambda: extra removal offset o ~ exp(-lambda o); 0: no offset
 
     def check(self) -> None:
-        if self.delta < 1 or self.smoothing < 0:
-            raise ConfigError("delta", "delta must be >= 1 and smoothing >= 0")
+        check_range(self, "delta", 1)
+        check_range(self, "smoothing", 0)
 
 
 @dataclass
@@ -73,8 +73,9 @@ class TeacherForcingConfig:
     def check(self) -> None:
         if self.schedule not in ("none", "linear", "cosine", "step"):
             raise ConfigError("schedule", f"must be none, linear, cosine or step, got {self.schedule!r}")
-        if not 0 <= self.max_share <= 1 or self.ramp_steps < 1 or self.start_step < 0:
-            raise ConfigError("max_share", "need 0 <= max_share <= 1, ramp_steps >= 1, start_step >= 0")
+        check_range(self, "max_share", 0, 1)
+        check_range(self, "ramp_steps", 1)
+        check_range(self, "start_step", 0)
 
     def share(self, step: int) -> float:
         """Share of inputs fed the model's own previous prediction at `step`."""

@@ -16,25 +16,15 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
 
 import torch
 
-from ...nanollama.config import ConfigError, entrypoint, section
-from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
-from ...nanollama.init import InitConfig, check_init, load_init, resumes
+from ...nanollama.app import RunConfig, Training, check_use_ema, set_vocab_size, train_entrypoint
+from ...nanollama.config import ConfigError, section
+from ...nanollama.distributed import Cluster, detect_environment, micro_batch_size
+from ...nanollama.init_checkpoint import load_init
 from ...nanollama.model.transformer import TransformerConfig
-from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
-from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, freeze
-from ...nanollama.trainer import (
-    Training,
-    build_transformer,
-    check_use_ema,
-    eval_weights,
-    seed_everything,
-    train_step,
-)
+from ...nanollama.trainer import build_transformer, eval_weights, start_run
 from .data import DataConfig, MultiplicationTokenizer, ProblemStream, check_files, load_split
 from .evaluation import EvaluationConfig, evaluate
 from .model import MultiplicationModel
@@ -44,18 +34,14 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+class TrainConfig(RunConfig):
     model: TransformerConfig = field(default_factory=TransformerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
-    init: InitConfig = field(default_factory=InitConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def check(self) -> None:
-        check_use_ema(self)
+        check_use_ema(self.evaluation.use_ema, self.optim)
         if not self.model.causal:
             raise ConfigError("model.causal", "the answer is generated: must be true")
         n = self.model.n_layers
@@ -76,9 +62,7 @@ class TrainConfig:
 def load_tokenizer(cfg: TrainConfig) -> MultiplicationTokenizer:
     """The app's tokenizer, and the vocabulary size it fixes (0 in `model`: take the tokenizer's)."""
     tok = MultiplicationTokenizer(Schedule(cfg.train, cfg.data).max_latents)
-    if cfg.model.vocab_size not in (0, tok.vocab_size):
-        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} != tokenizer's {tok.vocab_size}")
-    cfg.model.vocab_size = tok.vocab_size
+    set_vocab_size(cfg.model, tok.vocab_size, "tokenizer")
     return tok
 
 
@@ -106,10 +90,11 @@ class StepState:
     tokens: int = 0
 
 
-def build_step(
+def build_training(
     cfg: TrainConfig, cluster: Cluster, stream: ProblemStream | None = None, init: bool = True
-) -> tuple[Training, StepState]:
-    """The training step (`build_training`) and the state it reads: step 0's stage and share until set."""
+) -> Training:
+    """The app's training step for its loop and the core's tools (see `Training`); its `state` (a
+    StepState) holds step 0's stage and share until the loop sets them."""
     schedule = Schedule(cfg.train, cfg.data)
     if stream is None:
         micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
@@ -130,12 +115,7 @@ def build_step(
     def loss(model: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
         return multiplication_loss(model, batch, cfg.train, state.share, state.extra)
 
-    return Training(model, stream, next_batch, loss), state
-
-
-def build_training(cfg: TrainConfig, cluster: Cluster, loader: Any = None, init: bool = True) -> Training:
-    """The app's training step for its loop and the core's tools (see `Training`)."""
-    return build_step(cfg, cluster, loader, init)[0]
+    return Training(model, stream, next_batch, loss, state)
 
 
 def train(cfg: TrainConfig) -> None:
@@ -144,27 +124,16 @@ def train(cfg: TrainConfig) -> None:
         micro = micro_batch_size(cfg.data.batch_size, cluster.world_size, cfg.optim.accumulation_steps)
         tok = load_tokenizer(cfg)
         schedule = Schedule(cfg.train, cfg.data)
-        seed, rank = cfg.orchestration.seed, cluster.rank
-        stream = ProblemStream(cfg.data, tok, micro, seed, rank, cluster.world_size)
-        check_init(cfg.init, lambda: build_model(cfg, training=False, device=cluster.device))
-        resuming = resumes(cfg.orchestration.log_dir)
-
-        monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
-        training, state = build_step(cfg, cluster, stream, init=not resuming)
-        stream = stack.enter_context(stream)
-        freeze(training.model, cfg.optim)  # `optim.groups` multipliers of 0, before DDP registers them
-        model = cluster.wrap(training.model)
-        optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
-        scheduler = build_scheduler(optimizer, cfg.optim)
-        seed_everything(seed, rank)
-        step = monitor.resume(model, optimizer, scheduler, stream)
+        stream = ProblemStream(cfg.data, tok, micro, cfg.orchestration.seed, cluster.rank, cluster.world_size)
+        check_model = lambda: build_model(cfg, training=False, device=torch.device("meta"))  # noqa: E731
+        run = stack.enter_context(start_run(cfg, cluster, stream, build_training, check_model))
+        step, monitor, state = run.step, run.monitor, run.training.state
         if step == 0:
             stream.state.stage = schedule.stage(0)
         logger.info(
             f"{cfg.train.mode} on {cfg.data.k}x{cfg.data.m}: training from step {step} to {cfg.optim.steps}, "
             f"{micro} rows/rank/micro-step, stage {stream.state.stage} of {schedule.last_stage}"
         )
-        loss_fn = partial(training.loss, model)
 
         while step < cfg.optim.steps and not monitor.stop:
             stage = schedule.stage(step)
@@ -172,7 +141,7 @@ def train(cfg: TrainConfig) -> None:
                 stream.state.stage = stage
                 event = {"step": step, "event": "stage", "stage": stage}
                 if cfg.train.curriculum.reset_optimizer:
-                    reset_optimizer(optimizer)
+                    reset_optimizer(run.optimizer)
                     stream.state.resets += 1
                     event["event"] = "stage_optimizer_reset"
                 monitor.events.write(event)
@@ -181,21 +150,29 @@ def train(cfg: TrainConfig) -> None:
                 )
             stream.layout = lambda rng, stage=stage: schedule.layout(stage, rng)
             state.share = share = cfg.train.teacher_forcing.share(step)
-            loss, metrics = train_step(
-                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, training.next_batch, loss_fn
-            )
+            loss, metrics = run.train_step(step)
             step += 1
             with monitor.phase("eval"):
                 if cfg.evaluation.due(step, cfg.optim.steps):
                     with eval_weights(monitor, cfg.evaluation.use_ema):
-                        monitor.log_eval(step, evaluate(model, tok, cfg, cluster, schedule.stage(step - 1)))
+                        metrics_eval = evaluate(
+                            run.model,
+                            tok,
+                            cfg.evaluation,
+                            cfg.data,
+                            cfg.train,
+                            cfg.orchestration.seed,
+                            cluster,
+                            schedule.stage(step - 1),
+                        )
+                        monitor.log_eval(step, metrics_eval)
             step = monitor.end_step(
                 step, loss, state.tokens, **metrics, **state.extra, stage=stage, tf_share=share
             )
             state.tokens = 0
 
 
-main = entrypoint(TrainConfig, train)
+main = train_entrypoint(TrainConfig, train, build_training)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,11 @@ def load_frozen(cfg: EvalRunConfig, path: Path, device: torch.device) -> tuple[R
 
 
 def run_eval(cfg: EvalRunConfig) -> dict:
-    path = checkpoint_to_evaluate(cfg)
+    path = checkpoint_to_evaluate(cfg, cfg.checkpoint)
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         rows, model = load_frozen(cfg, path, cluster.device)
-        result = {"step": checkpoint_step(path), **evaluate(model, rows, cfg, cluster)}
+        result = {"step": checkpoint_step(path), **evaluate(model, rows, cfg.evaluation, cfg.data, cluster)}
         if cluster.is_main:
             tasks = " ".join(f"{k[9:]}={v:.3f}" for k, v in result.items() if k.startswith("accuracy_"))
             accuracy = f"accuracy {result['accuracy']:.4f} ({tasks}), " if "accuracy" in result else ""

@@ -9,19 +9,15 @@ and divided once, so the figures do not depend on the number of ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...nanollama.config import ConfigError
-from ...nanollama.distributed import Cluster
-from ...nanollama.monitor.probe import unwrap
-from .data import TASKS, RowBuilder, build_dataset
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
+from ...nanollama.distributed import Cluster, unwrap
+from .data import TASKS, RowBuilder, VLMDataConfig, build_dataset
 
 
 @dataclass
@@ -42,9 +38,9 @@ class EvaluationConfig:
         return step == total_steps or (self.period > 0 and step % self.period == 0)
 
 
-def eval_datasets(cfg: TrainConfig) -> list[tuple[str, Any]]:
+def eval_datasets(data: VLMDataConfig) -> list[tuple[str, Any]]:
     """(kind, valid split) of every configured dataset."""
-    return [(d.kind, build_dataset(d, cfg.data, "valid")) for d in cfg.data.datasets]
+    return [(d.kind, build_dataset(d, data, "valid")) for d in data.datasets]
 
 
 def _sums(model: nn.Module, rows: RowBuilder, samples: list, cluster: Cluster, answer_tokens: int) -> dict:
@@ -73,14 +69,15 @@ def _sums(model: nn.Module, rows: RowBuilder, samples: list, cluster: Cluster, a
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, rows: RowBuilder, cfg: TrainConfig, cluster: Cluster) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, rows: RowBuilder, ev: EvaluationConfig, data: VLMDataConfig, cluster: Cluster
+) -> dict[str, float]:
     """`loss` (answer tokens of image samples), `accuracy` and `accuracy_{task}`, `text_loss` when a
-    text-only dataset is mixed in, and the sample counts."""
-    ev = cfg.evaluation
+    text-only dataset is mixed in, and the sample counts, over the valid split of every dataset of `data`."""
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
-    datasets = eval_datasets(cfg)
+    datasets = eval_datasets(data)
     answer_tokens = rows.max_answer_tokens([ds for _, ds in datasets])
     for _, ds in datasets:
         mine = list(range(cluster.rank, min(ev.samples, len(ds)), cluster.world_size))

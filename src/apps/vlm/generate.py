@@ -76,7 +76,7 @@ def pick_sample(cfg: GenerateConfig) -> Sample:
 
 @torch.no_grad()
 def run_generate(cfg: GenerateConfig) -> str:
-    path = checkpoint_to_evaluate(cfg)
+    path = checkpoint_to_evaluate(cfg, cfg.checkpoint)
     sample = pick_sample(cfg)
     with Cluster(cfg.cluster) as cluster:
         rows, model = load_frozen(cfg, path, cluster.device)

@@ -22,17 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...nanollama.config import ConfigError, entrypoint
+from ...nanollama.app import RunConfig, Training, check_use_ema, set_vocab_size, train_entrypoint
+from ...nanollama.config import ConfigError
 from ...nanollama.data.mixture import Mixture
 from ...nanollama.data.text import Tokenizer, TokenizerConfig, build_tokenizer
-from ...nanollama.distributed import Cluster, ClusterConfig, detect_environment, micro_batch_size
-from ...nanollama.init import InitConfig, check_init, load_init, resumes
+from ...nanollama.distributed import Cluster, detect_environment, micro_batch_size
+from ...nanollama.init_checkpoint import check_init, load_init
 from ...nanollama.model.attention import batch_mask_error, flex_backward_available
 from ...nanollama.model.transformer import TransformerConfig
 from ...nanollama.model.vision import VisionConfig, load_siglip, siglip_config
-from ...nanollama.monitor.monitor import Monitor, OrchestrationConfig
-from ...nanollama.optim import OptimConfig, build_optimizer, build_scheduler, check_groups, freeze
-from ...nanollama.trainer import Training, check_use_ema, eval_weights, seed_everything, train_step
+from ...nanollama.optim import check_groups
+from ...nanollama.trainer import eval_weights, start_run, steps_in_epochs, training_attention
 from .data import (
     Processor,
     ProcessorConfig,
@@ -50,21 +50,17 @@ VISION_KEYS = ("image_size", "patch_size", "channels", "dim", "n_layers", "n_hea
 
 
 @dataclass
-class TrainConfig:
-    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+class TrainConfig(RunConfig):
     model: TransformerConfig = field(default_factory=TransformerConfig)  # the LM
     vision: VisionConfig = field(default_factory=VisionConfig)
     vlm: VLMConfig = field(default_factory=VLMConfig)
     data: VLMDataConfig = field(default_factory=VLMDataConfig)
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    init: InitConfig = field(default_factory=InitConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def check(self) -> None:
-        check_use_ema(self)
+        check_use_ema(self.evaluation.use_ema, self.optim)
         if self.tokenizer.kind == "sentencepiece":
             raise ConfigError("tokenizer.kind", "vlm takes byte or tiktoken (a fixed vocabulary)")
 
@@ -109,9 +105,7 @@ class TrainConfig:
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
     tokenizer = build_tokenizer(cfg.tokenizer)
-    if cfg.model.vocab_size not in (0, tokenizer.vocab_size):
-        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} != tokenizer's {tokenizer.vocab_size}")
-    cfg.model.vocab_size = tokenizer.vocab_size
+    set_vocab_size(cfg.model, tokenizer.vocab_size, "tokenizer")
     return tokenizer
 
 
@@ -134,9 +128,7 @@ def row_builder(cfg: TrainConfig, tokenizer: Tokenizer) -> RowBuilder:
 def build_model(cfg: TrainConfig, training: bool, device: torch.device) -> VLM:
     """Deterministic init from the global seed (the encoder loads `vision.pretrained` if set); flex falls
     back to sdpa where it cannot train."""
-    if training and cfg.model.attention == "flex" and not flex_backward_available(device):
-        logger.warning(f"FlexAttention has no backward on {device.type}: training with sdpa instead")
-        cfg.model.attention = "sdpa"
+    training_attention(cfg.model, training, device)
     torch.manual_seed(cfg.orchestration.seed)
     return VLM(cfg.vlm, cfg.vision, cfg.model)
 
@@ -190,9 +182,6 @@ def build_training(cfg: TrainConfig, cluster: Cluster, loader: Any = None, init:
     model = build_model(cfg, training=True, device=cluster.device)
     if init:
         load_init(model, cfg.init)
-    frozen = freeze(model, cfg.optim)
-    if frozen:
-        logger.info(f"frozen: {len(frozen)} tensors ({_parts(frozen)})")
 
     def next_batch() -> Any:
         return next(loader).to(cluster.device)
@@ -200,69 +189,41 @@ def build_training(cfg: TrainConfig, cluster: Cluster, loader: Any = None, init:
     return Training(model, loader, next_batch, vlm_loss)
 
 
-def _parts(names: list[str]) -> str:
-    parts: dict[str, int] = {}
-    for name in names:
-        part = name.split(".")[0]
-        parts[part] = parts.get(part, 0) + 1
-    return ", ".join(f"{p}: {n}" for p, n in parts.items())
-
-
-def steps_in_epochs(mixture: Mixture, cluster: Cluster, accumulation_steps: int) -> int:
-    """Optimizer steps of a `data.epochs`-long run: the fewest batches of any rank (ranks draw their
-    datasets in different orders), so that every rank stops at the same step."""
-    batches = -cluster.all_reduce([-float(mixture.count_batches())], op="max")[0]
-    steps = int(batches) // accumulation_steps
-    if steps < 1:
-        raise ConfigError("data.epochs", f"{mixture.stop} epochs give {int(batches)} batches per rank")
-    return steps
-
-
 def train(cfg: TrainConfig) -> None:
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         acc = cfg.optim.accumulation_steps
-        tokenizer = load_tokenizer(cfg)
-        rows = row_builder(cfg, tokenizer)
+        rows = row_builder(cfg, load_tokenizer(cfg))
         mixture = build_mixture(cfg, rows, cluster)
         if cfg.data.epochs:  # the run is as long as those epochs of the named dataset
-            cfg.optim.steps = steps_in_epochs(mixture, cluster, acc)
-        check_init(cfg.init, lambda: build_model(cfg, training=False, device=cluster.device))
-        resuming = resumes(cfg.orchestration.log_dir)
-
-        monitor = stack.enter_context(Monitor(cfg.orchestration, cluster, cfg, cfg.optim.steps))
-        training = build_training(cfg, cluster, mixture, init=not resuming)
-        mixture = stack.enter_context(mixture)
-        model = cluster.wrap(training.model)
-        optimizer = build_optimizer(model, cfg.optim, cluster.device_type)
-        scheduler = build_scheduler(optimizer, cfg.optim)
-        seed_everything(cfg.orchestration.seed, cluster.rank)
-        step = monitor.resume(model, optimizer, scheduler, mixture)
+            cfg.optim.steps = steps_in_epochs(mixture.count_batches(), cluster, acc, str(mixture.stop))
+        check_model = lambda: build_model(cfg, training=False, device=torch.device("meta"))  # noqa: E731
+        run = stack.enter_context(
+            start_run(cfg, cluster, mixture, build_training, check_model, cfg.data.seq_len)
+        )
+        step, monitor, vlm = run.step, run.monitor, run.training.model
         for line in mixture.plan(cfg.optim.steps * acc):
             logger.info(f"data plan: {line}")
-        n_params = sum(p.numel() for p in training.model.parameters())
-        n_train = sum(p.numel() for p in training.model.parameters() if p.requires_grad)
+        n_params = sum(p.numel() for p in vlm.parameters())
+        n_train = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
         logger.info(
             f"training from step {step} to {cfg.optim.steps}: {n_params:,} parameters ({n_train:,} trained), "
-            f"{training.model.n_image_tokens} image tokens per image"
+            f"{vlm.n_image_tokens} image tokens per image"
         )
         samples = cfg.data.batch_size
         tokens = samples * cfg.data.seq_len  # positions the LM runs per step (padding included)
-        next_batch, loss_fn = training.next_batch, partial(training.loss, model)
 
         while step < cfg.optim.steps and not monitor.stop:
-            loss, metrics = train_step(
-                model, optimizer, scheduler, cluster, monitor, cfg.optim, step, next_batch, loss_fn
-            )
+            loss, metrics = run.train_step(step)
             step += 1
             with monitor.phase("eval"):
                 if cfg.evaluation.due(step, cfg.optim.steps):
                     with eval_weights(monitor, cfg.evaluation.use_ema):
-                        monitor.log_eval(step, evaluate(model, rows, cfg, cluster))
+                        monitor.log_eval(step, evaluate(run.model, rows, cfg.evaluation, cfg.data, cluster))
             step = monitor.end_step(step, loss, tokens, samples=samples, **metrics)
 
 
-main = entrypoint(TrainConfig, train)
+main = train_entrypoint(TrainConfig, train, build_training)
 
 
 if __name__ == "__main__":

@@ -8,19 +8,28 @@ resolved `config.yaml` two levels up (`<log_dir>/checkpoints/<step>/` -> `<log_d
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 
 from ..config import ConfigError, build_config, read_yaml, to_yaml
+from ..extras import require
 from .transformer import Transformer, TransformerConfig
 
 MODEL_YAML = "model.yaml"
 WEIGHTS = "model.pt"
 EMA_WEIGHTS = "ema.pt"  # the EMA of the weights, same keys (runs with optim.ema_decay > 0)
 RUN_CONFIG = "config.yaml"
+# Hugging Face folders (hf.py for Llama, vision.py for SigLIP)
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
 
 
 def model_config_file(folder: str | os.PathLike, key: str = "checkpoint") -> Path:
@@ -100,3 +109,27 @@ def save_model(folder: str | os.PathLike, cfg: TransformerConfig, state: dict[st
     folder = Path(folder)
     torch.save(state, folder / WEIGHTS)
     (folder / MODEL_YAML).write_text(to_yaml(cfg))
+
+
+def safetensors(feature: str = "Hugging Face interop") -> Any:
+    """Imported on use only: training never needs it."""
+    return require("safetensors.torch", "hf", feature)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike, key: str = "out") -> Iterator[Path]:
+    """Yield a temporary sibling of `out`, renamed to `out` only if the block succeeds: a failure
+    leaves neither `out` nor the temporary folder behind. Never overwrites."""
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(key, f"already exists: {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():  # os.rename would silently replace an empty folder created meanwhile
+            raise ConfigError(key, f"already exists: {out}")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

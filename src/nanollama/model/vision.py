@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, FileError
-from ..hf import HF_CONFIG, HF_INDEX, HF_WEIGHTS, _safetensors, atomic_folder
+from .io import HF_CONFIG, HF_INDEX, HF_WEIGHTS, atomic_folder, safetensors
 
 # SiglipVisionConfig's defaults (google/siglip-base-patch16-224), for keys a config.json leaves out.
 _HF_DEFAULTS: dict[str, Any] = {
@@ -138,7 +138,7 @@ class VisionConfig:
         if self.pretrained and not os.path.exists(self.pretrained):
             raise ConfigError("pretrained", f"not found: {self.pretrained}")
         if self.pretrained:
-            _safetensors("pretrained")
+            safetensors("pretrained")
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -331,7 +331,7 @@ def _weight_files(path: Path) -> list[Path]:
 
 def _tensors(path: Path) -> Iterator[tuple[Path, str, Any]]:
     """(file, name, handle) for every tensor of the checkpoint, without loading any."""
-    safe_open = _safetensors("vision.pretrained").safe_open
+    safe_open = safetensors("vision.pretrained").safe_open
     for file in _weight_files(path):
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -525,7 +525,7 @@ def export_siglip(encoder: VisionEncoder, out: str | os.PathLike) -> Path:
         hf["nanollama"] = {"select_layer": cfg.built_layers}
     with atomic_folder(out) as tmp:
         (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
-        _safetensors("a SigLIP export").save_file(
+        safetensors("a SigLIP export").save_file(
             to_siglip_state_dict(state), tmp / HF_WEIGHTS, metadata={"format": "pt"}
         )
     return Path(out)

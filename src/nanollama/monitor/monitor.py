@@ -16,7 +16,6 @@ import os
 import time
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +23,16 @@ import psutil
 import torch
 from torch import nn
 
+from ..app import RunConfig
 from ..config import ConfigError, RunError, to_dict, to_yaml
-from ..distributed import Cluster
+from ..distributed import Cluster, unwrap
 from ..flops import model_flops_per_token
-from ..jobs import EvalJobConfig, submit_eval_job
+from ..jobs import submit_eval_job
 from ..optim import EMA, ClipState
-from ..runs import start_line
+from .activations import ActivationProbe
 from .checkpoint import (
     NONFINITE_PREFIX,
     SPIKE_PREFIX,
-    CheckpointConfig,
     Checkpointer,
     checkpoint_name,
     latest_checkpoint,
@@ -43,57 +42,35 @@ from .checkpoint import (
 from .console import console_line, short, summary_line
 from .files import write_synced
 from .lock import LogDirLock
-from .logger import JsonlWriter, LoggingConfig, process_info, setup_logging
+from .logger import JsonlWriter, process_info, setup_logging
+from .orchestration import OrchestrationConfig  # noqa: F401 (apps import it from here)
 from .preemption import PreemptionHandler
-from .probe import ActivationProbe, ProbeConfig, unwrap
-from .profiler import HeavyProfiler, LightProfiler, ProfilerConfig
+from .profiler import HeavyProfiler, LightProfiler
 from .run_config import RESUME_FIXED, RESUME_MAY_CHANGE, check_against_run
-from .spikes import LossSpikeError, SpikeConfig, SpikeGuard
-from .tensorboard import TensorboardConfig, TensorboardLogger
-from .wandb import WandbConfig, WandbLogger
+from .run_start import start_line
+from .spikes import LossSpikeError, SpikeGuard
+from .tensorboard import TensorboardLogger
+from .wandb import WandbLogger
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class OrchestrationConfig:
-    name: str = "debug"  # run name
-    log_dir: str = ""  # the one folder of the run; empty: runs/{name}
-    seed: int = 0  # global seed
-    max_skipped_steps: int = 8  # consecutive steps with non-finite gradients skipped before the run stops
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
-    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    eval_job: EvalJobConfig = field(default_factory=EvalJobConfig)
-    spikes: SpikeConfig = field(default_factory=SpikeConfig)
-
-    def check(self) -> None:
-        if not self.name:
-            raise ConfigError("name", "must not be empty")
-        if self.max_skipped_steps < 0:
-            raise ConfigError("max_skipped_steps", f"must be >= 0, got {self.max_skipped_steps}")
-        # resolved here, after the merge: a dataclass default (__post_init__) only sees the default name
-        self.log_dir = self.log_dir or f"runs/{self.name}"
-        if self.log_dir and Path(self.log_dir).exists() and not Path(self.log_dir).is_dir():
-            raise ConfigError("log_dir", f"{self.log_dir} exists and is not a folder")
-
-
 class NonFiniteLossError(RunError):
-    """The loss (or, `max_skipped_steps` times in a row, the gradients) became nan or inf; the run stops
-    and keeps its last good checkpoint."""
+    """The loss became nan or inf, or the gradients were dead (not finite, or 0) `max_skipped_steps`
+    times in a row or on the run's last step; the run stops (exit 1) and keeps its last good checkpoint."""
 
 
 class Monitor:
-    def __init__(self, cfg: OrchestrationConfig, cluster: Cluster, run_config: Any, total_steps: int):
-        self.cfg, self.cluster, self.run_config = cfg, cluster, run_config
-        self.total_steps = total_steps
+    def __init__(self, run_config: RunConfig, cluster: Cluster, seq_len: int = 0):
+        """`seq_len`: the positions of a row, for the model's FLOPs per token (0: 6 x parameters)."""
+        self.cfg = cfg = run_config.orchestration
+        self.cluster, self.run_config = cluster, run_config
+        self.total_steps = run_config.optim.steps
+        self.seq_len = seq_len
         self.log_dir = Path(cfg.log_dir)
         self.rank = cluster.rank
         self.step = 0
-        self.skipped = 0  # consecutive steps whose update was skipped (non-finite gradients)
+        self.skipped = 0  # consecutive dead steps: update skipped (non-finite gradients) or a zero gradient
         self.spikes = SpikeGuard(cfg.spikes)  # train_step multiplies the LR by `spikes.lr_scale`
         self.clip_state = ClipState()  # adaptive clipping's running grad norm (train_step)
         self.ema: EMA | None = None  # the weights' EMA (optim.ema_decay > 0), made by `resume`
@@ -172,6 +149,11 @@ class Monitor:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None and self.objects:
+                try:
+                    self._refuse_a_dead_end()
+                except NonFiniteLossError as e:
+                    logger.error(f"run stopped at step {self.step}: {type(e).__name__}: {e}")
+                    raise
                 self.save_checkpoint()
                 logger.info(self._summary())
             elif exc_type is not None:
@@ -188,7 +170,7 @@ class Monitor:
         the weights as they are, e.g. `init.checkpoint`'s), is updated by `train_step` and checkpointed."""
         self.objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader}
         self._hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        decay = getattr(getattr(self.run_config, "optim", None), "ema_decay", 0.0)
+        decay = self.run_config.optim.ema_decay
         self.ema = EMA(model, decay) if decay else None
         found = self.checkpointer.load_latest(model, optimizer, self.ema)
         if found is not None:
@@ -210,10 +192,8 @@ class Monitor:
         return self.step
 
     def _count_flops(self, model: nn.Module) -> None:
-        """Model FLOPs per token (rows of `data.seq_len` positions) and the device's peak, for `mfu`."""
-        seq_len = getattr(getattr(self.run_config, "data", None), "seq_len", 0)
-        seq_len = seq_len if isinstance(seq_len, int) else 0
-        self.flops_per_token = model_flops_per_token(unwrap(model), seq_len)
+        """Model FLOPs per token (rows of `seq_len` positions) and the device's peak, for `mfu`."""
+        self.flops_per_token = model_flops_per_token(unwrap(model), self.seq_len)
         self.peak_flops = self.cluster.peak_flops()
         per_device = f"peak {self.peak_flops:.4g} FLOP/s per device"
         logger.info(f"{self.flops_per_token:.4g} training FLOPs per token, {per_device}")
@@ -339,7 +319,7 @@ class Monitor:
                 self.spikes.observe(mean_loss)
             # a rollback target must be a checkpoint whose next step was no spike
             sound = not spike or self.cfg.spikes.action == "continue"
-            self._count_skipped(step, metrics.get("grad_norm", 0.0), sound)
+            self._count_skipped(step, metrics.get("grad_norm"), sound)
             if step % self.cfg.logging.period == 0 or step == self.total_steps:
                 self._log_metrics(step, mean_loss, loss, metrics)
         self.profiler.end_step(step, tokens)
@@ -406,26 +386,40 @@ class Monitor:
         self._rolled_back_to = self.step
         return True
 
-    def _set_aside_bad(self, prefix: str = NONFINITE_PREFIX, why: str = "non-finite gradients") -> str:
+    def _set_aside_bad(
+        self, prefix: str = NONFINITE_PREFIX, why: str = "dead gradients (not finite, or 0)"
+    ) -> str:
         """Move aside the checkpoints whose weights gave nan (or a spike); says where a restart resumes."""
         return f"last good checkpoint: {self.checkpointer.set_aside_unconfirmed(prefix, why) or 'none'}"
 
-    def _count_skipped(self, step: int, grad_norm: float, sound: bool = True) -> None:
-        """`train_step` skips the update of a step whose gradients are not finite (the norm is global, so
-        every rank sees the same); too many in a row stop the run. Finite gradients confirm the checkpoints
-        before, unless the step was a loss spike (not `sound`)."""
-        if math.isfinite(grad_norm):
+    def _count_skipped(self, step: int, grad_norm: float | None, sound: bool = True) -> None:
+        """Dead steps: `train_step` skips the update of a step whose gradients are not finite (the norm is
+        global, so every rank sees the same), and a gradient norm of exactly 0 (a collapsed model: nothing
+        left to learn from) changes nothing either. Too many in a row stop the run. A live step confirms
+        the checkpoints before it, unless it was a loss spike (not `sound`). No norm given: live."""
+        if grad_norm is None or (math.isfinite(grad_norm) and grad_norm != 0):
             self.skipped = 0
             if sound:
                 self.checkpointer.confirm()
             return
         self.skipped += 1
+        what = "update skipped" if grad_norm != 0 else "nothing to learn"
         self.events.write({"step": step, "event": "skipped_step", "grad_norm": str(grad_norm)})
-        logger.warning(f"step {step}: gradient norm {grad_norm}, update skipped ({self.skipped} in a row)")
+        logger.warning(f"step {step}: gradient norm {grad_norm}, {what} ({self.skipped} in a row)")
         if self.skipped > self.cfg.max_skipped_steps:
             raise NonFiniteLossError(
-                f"gradients not finite for {self.skipped} steps in a row (to step {step}; "
+                f"gradient norm {grad_norm} for {self.skipped} steps in a row (to step {step}; "
                 f"orchestration.max_skipped_steps={self.cfg.max_skipped_steps}); " + self._set_aside_bad()
+            )
+
+    def _refuse_a_dead_end(self) -> None:
+        """A run that ends (not preempted) on dead steps is no success, however few: its last weights are
+        those that gave the dead gradients. Nothing is saved of them; a restart resumes from the last
+        good checkpoint."""
+        if self.skipped and not self.stop:  # `stop`: preempted, to resume
+            raise NonFiniteLossError(
+                f"the run ended at step {self.step} on {self.skipped} dead steps in a row (gradient norm "
+                "not finite or 0: no update); " + self._set_aside_bad()
             )
 
     def _log_metrics(self, step: int, mean_loss: float, loss: float, metrics: dict) -> None:

@@ -20,7 +20,7 @@ from typing import Iterator
 import psutil
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ class HeavyProfilerConfig:
     steps: int = 3  # active steps recorded in the trace
 
     def check(self) -> None:
-        if self.start < 0 or self.warmup < 0 or self.steps < 1:
-            raise ConfigError("start", "start and warmup must be >= 0 and steps >= 1")
+        for key, low in (("start", 0), ("warmup", 0), ("steps", 1)):
+            check_range(self, key, low)
 
 
 @dataclass

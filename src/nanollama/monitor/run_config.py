@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..app import RunConfig
 from ..config import ConfigError, read_yaml, to_dict
 
 # Keys (or whole sections) a resumed run may change; every other key is fixed by its checkpoints.
@@ -74,7 +75,7 @@ def _short(value: Any) -> str:
 
 
 def check_against_run(
-    cfg: Any,
+    cfg: RunConfig,
     run_config: str | os.PathLike,
     what: str,
     may_change: tuple[str, ...],

@@ -18,11 +18,11 @@ from src.nanollama.monitor.checkpoint import latest_checkpoint
 from src.nanollama.monitor.logger import read_jsonl
 from src.nanollama.optim import lr_factor
 from tests.apps.bert.reduce_ranks import share
-from tests.conftest import assert_bad_input, crash_after, losses, run_module
+from tests.conftest import BERT_FINETUNE, BERT_FIXTURES, assert_bad_input, crash_after, losses, run_module
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = BERT_FIXTURES
 MLM = "config=src/apps/bert/configs/debug.yaml"
-FINETUNE = "config=src/apps/bert/configs/finetune_debug.yaml"
+FINETUNE = BERT_FINETUNE
 SHORT = ["optim.steps=20", "optim.warmup=2", "orchestration.logging.period=1", "evaluation.period=10"]
 
 
@@ -78,7 +78,7 @@ def test_finetune_debug_learns_from_scratch(tmp_path):
 def test_finetune_from_mlm_loads_the_encoder_and_starts_a_fresh_head(mlm_run, tmp_path):
     cfg = build_config(TrainConfig, read_yaml("src/apps/bert/configs/finetune_debug.yaml"))
     cfg.init.checkpoint = str(mlm_run)
-    task = build_task(cfg, load_tokenizer(cfg))
+    task = build_task(cfg.task, cfg.data, cfg.evaluation, cfg.orchestration.seed, load_tokenizer(cfg))
     init = find_init(cfg)
     assert init.path == latest_checkpoint(mlm_run / "checkpoints") and init.task == "mlm"
     model = build_model(cfg, task, training=True, device=torch.device("cpu"))

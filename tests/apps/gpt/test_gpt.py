@@ -17,22 +17,10 @@ from src.nanollama.data.packing import TextStream
 from src.nanollama.data.text import ByteTokenizer
 from src.nanollama.monitor.checkpoint import list_checkpoints
 from src.nanollama.monitor.logger import read_jsonl
-from tests.conftest import assert_bad_input, crash_after, losses, run_module
-from tests.nanollama.data.test_packing import write_corpus
+from tests.conftest import GPT_TINY, assert_bad_input, crash_after, losses, run_module, write_corpus
 
 CONFIG = "config=src/apps/gpt/configs/debug.yaml"
-TINY = [
-    "model.dim=32",
-    "model.n_layers=1",
-    "data.seq_len=32",
-    "data.batch_size=8",
-    "optim.warmup=2",
-    "orchestration.logging.period=1",
-    "evaluation.batches=2",
-    "evaluation.batch_size=8",
-    "generation.max_new_tokens=8",
-    "orchestration.checkpoint.keep_only=0",
-]
+TINY = GPT_TINY
 
 
 def train(log_dir: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:

@@ -14,8 +14,8 @@ from src.apps.gssm.train import TrainConfig
 from src.nanollama.config import ConfigError
 from src.nanollama.model.rope import SCALINGS
 from src.nanollama.monitor.logger import read_jsonl
-from tests.apps.gssm.test_train import train
 from tests.conftest import run_module
+from tests.conftest import train_gssm as train
 
 L, BUCKETS = 16, 4
 VOCAB = 8  # the observed node of the debug graph
@@ -110,7 +110,7 @@ def test_eval_lengths_and_buckets():
     assert bucket_edges(64, 4) == [0, 16, 32, 48, 64] and bucket_edges(10, 3) == [0, 3, 6, 10]
     cfg = TrainConfig()
     cfg.evaluation.seq_len, cfg.evaluation.position_buckets = 128, 4
-    assert check_evaluation(cfg) == 128
+    assert check_evaluation(cfg.evaluation, cfg.data) == 128
 
 
 @pytest.mark.slow

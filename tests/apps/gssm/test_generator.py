@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from src.apps.gssm import bayes, generator
+from src.apps.gssm import generator, make_data
 from src.apps.gssm.bayes import conditional_logprobs
-from src.apps.gssm.generator import GSSM, Sample, alias_table, write_dataset
+from src.apps.gssm.generator import GSSM, Sample, alias_table
 from src.apps.gssm.graph import GSSMConfig, NodeConfig
+from src.apps.gssm.make_data import write_dataset
 
 
 def make(*nodes: NodeConfig, seed: int = 0) -> GSSM:
@@ -277,7 +278,7 @@ def test_write_dataset_is_atomic(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return np.zeros(sample.tokens.shape)
 
-    monkeypatch.setattr(bayes, "conditional_logprobs", failing)
+    monkeypatch.setattr(make_data, "conditional_logprobs", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         write_dataset(
             make(*SMALL), tmp_path / "data", {"train": 40, "test": 10}, seq_len=8, seed=0, batch_size=10

@@ -15,19 +15,20 @@ import pytest
 
 from src.nanollama.monitor.checkpoint import has_eval_flag, list_checkpoints
 from src.nanollama.monitor.logger import read_jsonl
-from tests.conftest import GSSM_TINY, ROOT, assert_bad_input, child_env, crash_after, losses, run_module
+from tests.conftest import (
+    GSSM_DEBUG,
+    GSSM_TINY,
+    ROOT,
+    assert_bad_input,
+    child_env,
+    crash_after,
+    losses,
+    run_module,
+)
+from tests.conftest import train_gssm as train
 
-CONFIG = "config=src/apps/gssm/configs/debug.yaml"
-TINY = GSSM_TINY
+CONFIG, TINY = GSSM_DEBUG, GSSM_TINY
 CYCLE = "[{name: a, parents: [b]}, {name: b, parents: [a]}, {name: x, parents: [a], observed: true}]"
-
-
-def train(log_dir: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    out = run_module(
-        "src.apps.gssm.train", CONFIG, f"orchestration.log_dir={log_dir}", *TINY, *args, nproc=nproc
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
 
 
 def profile_steps(log_dir: Path, rank: int = 0) -> list[int]:

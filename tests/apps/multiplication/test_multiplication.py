@@ -12,19 +12,10 @@ from src.apps.multiplication.data import format_line, make_problem
 from src.apps.multiplication.eval import main as eval_main
 from src.apps.multiplication.train import main
 from src.nanollama.monitor.logger import read_jsonl
-from tests.conftest import crash_after, losses, run_module
+from tests.conftest import MULTIPLICATION_TINY, crash_after, losses, run_module
 
 CONFIG = "config=src/apps/multiplication/configs/debug.yaml"
-TINY = [
-    "model.dim=32",
-    "model.n_layers=2",
-    "data.batch_size=16",
-    "optim.warmup=2",
-    "optim.lr=1.0e-2",
-    "orchestration.logging.period=1",
-    "evaluation.n_problems=16",
-    "orchestration.checkpoint.keep_only=0",
-]
+TINY = MULTIPLICATION_TINY
 TIMING = ("answers_per_s", "answer_tokens_per_s")
 
 

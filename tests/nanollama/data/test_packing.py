@@ -11,16 +11,9 @@ from src.nanollama.data.packing import SourceConfig, TextDataConfig, TextStream
 from src.nanollama.data.pretokenize import main as pretokenize_main
 from src.nanollama.data.pretokenize import write_token_file
 from src.nanollama.data.text import ByteTokenizer
+from tests.conftest import write_corpus
 
 TOK = ByteTokenizer()
-
-
-def write_corpus(folder, prefix: str, n: int) -> str:
-    """n documents of varied lengths (3..60 bytes), each text unique, so a document names itself."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"text": f"{prefix}{i:03d} " + "x" * (i * 7 % 57)}) for i in range(n)]
-    (folder / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    return str(folder)
 
 
 @pytest.fixture

@@ -3,44 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from src.nanollama.model.transformer import Transformer, TransformerConfig
 from src.nanollama.monitor.results import non_embedding_parameters, scaling_points
-
-GRAPH = {"seed": 0, "nodes": [{"name": "x", "state_dim": 8, "parents": [], "observed": True}]}
-
-
-def fake_sweep(log_dir: Path, tasks: list[dict]) -> Path:
-    """A sweep folder as the launcher and the runs leave it; each task: grid `values`, run `config`,
-    `evals` (eval lines) and `state`."""
-    index = [{"index": i, "values": t["values"]} for i, t in enumerate(tasks)]
-    (log_dir / "tasks").mkdir(parents=True)
-    (log_dir / "sweep.yaml").write_text(yaml.safe_dump({"script": "src.apps.gssm.train", "tasks": index}))
-    for i, task in enumerate(tasks):
-        (log_dir / "tasks" / f"{i}.status").write_text(json.dumps({"state": task.get("state", "done")}))
-        run = log_dir / "runs" / str(i)
-        (run / "metrics").mkdir(parents=True)
-        (run / "config.yaml").write_text(yaml.safe_dump(task["config"]))
-        lines = [json.dumps(line) + "\n" for line in task.get("evals", [])]
-        (run / "metrics" / "eval_0.jsonl").write_text("".join(lines))
-    return log_dir
-
-
-def config(dim: int, lr: float = 1e-3, path: str = "", batch_size: int = 8) -> dict:
-    return {
-        "optim": {"lr": lr},
-        "model": {"vocab_size": 8, "dim": dim, "n_layers": 2, "n_heads": 2},
-        "data": {"gssm": GRAPH, "seq_len": 16, "batch_size": batch_size, "path": path},
-    }
-
-
-def evals(*losses: float, bayes: float = 1.0, period: int = 10) -> list[dict]:
-    return [{"step": period * (k + 1), "loss": v, "bayes_loss": bayes} for k, v in enumerate(losses)]
+from tests.conftest import SCALING_GRAPH as GRAPH
+from tests.conftest import fake_sweep
+from tests.conftest import scaling_config as config
+from tests.conftest import scaling_evals as evals
 
 
 def test_non_embedding_parameters_count_everything_but_the_embeddings_and_head():

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from ..config import ConfigError
+from ..distributed import unwrap, wrappers
 from ..model.attention import Mask, cached_mask, dense_mask
 from ..model.rope import apply_rope
 from .logger import JsonlWriter
@@ -52,24 +52,6 @@ class ProbeConfig:
         for key in ("period", "max_tokens", "attn_sequences"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-
-
-def wrappers(model: nn.Module) -> list[nn.Module]:
-    """`model` and the modules it wraps, outermost first: DDP keeps the model in `.module` and
-    `torch.compile(model)` in `._orig_mod`; FSDP2 and `model.compile()` leave it in place."""
-    chain = [model]
-    while True:
-        if isinstance(chain[-1], (DistributedDataParallel, DataParallel)):
-            chain.append(chain[-1].module)
-        elif isinstance(getattr(chain[-1], "_orig_mod", None), nn.Module):
-            chain.append(chain[-1]._orig_mod)
-        else:
-            return chain
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module that holds the blocks."""
-    return wrappers(model)[-1]
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ConfigError
-from .monitor.probe import unwrap
+from .distributed import unwrap
 
 
 @dataclass

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from src.nanollama.config import ConfigError, build_config
+from src.nanollama.linear_probe import LinearProbeConfig, majority_chance, probe_accuracy, residual_streams
 from src.nanollama.model.transformer import Transformer, TransformerConfig
-from src.nanollama.probing import LinearProbeConfig, majority_chance, probe_accuracy, residual_streams
 
 
 def test_linearly_decodable_labels_are_decoded():

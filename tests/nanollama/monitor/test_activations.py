@@ -15,8 +15,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 from src.nanollama.config import ConfigError, build_config
 from src.nanollama.model.transformer import Transformer, TransformerConfig
-from src.nanollama.monitor.logger import read_jsonl
-from src.nanollama.monitor.probe import (
+from src.nanollama.monitor.activations import (
     ActivationProbe,
     ProbeConfig,
     attention_entropy,
@@ -25,6 +24,7 @@ from src.nanollama.monitor.probe import (
     residual_stats,
     unwrap,
 )
+from src.nanollama.monitor.logger import read_jsonl
 
 
 def tiny(**kw) -> Transformer:
