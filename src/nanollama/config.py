@@ -77,8 +77,14 @@ class RunError(RuntimeError):
 def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
     """Split `config=PATH key=value ...` into the YAML path and the dotted overrides."""
     path, overrides = None, []
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if "=" not in arg:
+            if i and "=" in argv[i - 1]:  # `key={a: 1}` unquoted, or through a shell variable
+                raise ConfigError(
+                    argv[i - 1].split("=", 1)[0],
+                    f"its value seems split at a space ({argv[i - 1]!r} then {arg!r}): quote the whole "
+                    """argument, or write it without spaces, e.g. 'optim.groups={"vision.":0.0}'""",
+                )
             raise ConfigError(arg, "arguments must be key=value")
         key, value = arg.split("=", 1)
         if key == "config":

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from .config import ConfigError
+from .flops import peak_flops
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +41,30 @@ def native_bf16(device_type: str, cpuinfo: str | os.PathLike = "/proc/cpuinfo") 
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def auto_dtype(device_type: str) -> str:
+    """`cluster.dtype: auto`: bf16 where it is native and faster. On CUDA, native is enough. On a CPU, flags
+    say only that bf16 is not emulated, not that it is fast (an avx512_bf16 Xeon without AMX runs bf16
+    matmuls at about 0.6x fp32): the two matmul peaks are measured once per machine and thread count
+    (flops.peak_flops' cache, the one MFU uses) and the faster wins; both figures are logged."""
+    if not native_bf16(device_type):
+        return "float32"
+    if device_type == "cuda":
+        return "bfloat16"
+    cpu = torch.device("cpu")
+    bf16, fp32 = peak_flops(cpu, "bfloat16"), peak_flops(cpu, "float32")
+    choice = "bfloat16" if bf16 > fp32 else "float32"
+    logger.info(
+        f"cluster.dtype=auto: {choice} (matmul peaks: bf16 {bf16 / 1e9:.1f}, fp32 {fp32 / 1e9:.1f} GFLOP/s)"
+    )
+    return choice
+
+
 @dataclass
 class ClusterConfig:
     device: str = "auto"  # auto | cpu | cuda
     parallelism: str = "ddp"  # ddp | fsdp (used when more than one process)
     dtype: str = "float32"  # float32 | bfloat16 (autocast, or FSDP's policy on GPU) | float16 (CUDA:
-    # autocast + GradScaler) | auto (see native_bf16)
+    # autocast + GradScaler) | auto (see auto_dtype)
     compile: bool = False
     matmul_precision: str = "high"  # torch.set_float32_matmul_precision
     peak_flops: float = 0.0  # one device's peak FLOP/s for MFU; 0: the GPU table, or measured (flops.py)
@@ -65,7 +84,7 @@ class ClusterConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device", "cuda requested but no GPU is visible (use device=auto or cpu)")
         if self.dtype == "auto":  # resolved here, so config.yaml records what the run used
-            self.dtype = "bfloat16" if native_bf16(self.device_type) else "float32"
+            self.dtype = auto_dtype(self.device_type)
         if self.dtype == "float16" and self.device_type != "cuda":
             raise ConfigError("dtype", "float16 (with a GradScaler) needs CUDA; on cpu use bfloat16, float32")
         if self.dtype == "float16" and self.parallelism == "fsdp":
@@ -177,8 +196,6 @@ class Cluster:
     def peak_flops(self) -> float:
         """One device's peak FLOP/s in the run's dtype (see flops.py); rank 0's, so that ranks measuring
         at once on one CPU do not slow each other down."""
-        from .flops import peak_flops
-
         cfg, peak = self.cfg, 0.0
         if self.is_main or self.device_type == "cuda":
             peak = peak_flops(self.device, cfg.dtype, cfg.matmul_precision, cfg.peak_flops)

@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from src.nanollama.config import ConfigError, build_config, load_config, parse_cli, read_yaml, to_yaml
+from src.nanollama.optim import OptimConfig
 
 
 @dataclass
@@ -137,3 +138,14 @@ def test_load_config_calls_check_inputs_after_validate_and_subclasses_inherit_it
         with pytest.raises(ConfigError, match="inner.dim"):  # validate first
             load_config(cls, ["name=absent", "inner.dim=0"])
     assert build_config(WithInputs, overrides=["name=absent"]).name == "absent"  # build_config: pure
+
+
+def test_a_value_split_at_a_space_is_named_with_its_cause():
+    """`V='optim.groups={vision.: 0.0}'; train $V` reaches us as two arguments."""
+    with pytest.raises(ConfigError, match=r"^optim.groups: its value seems split at a space") as error:
+        parse_cli(["config=x.yaml", "optim.groups={vision.:", "0.0}"])
+    assert "without spaces" in str(error.value)
+    with pytest.raises(ConfigError, match=r"^oops: arguments must be key=value"):
+        parse_cli(["oops"])
+    spaceless = build_config(OptimConfig, overrides=['groups={"vision.":0.0}'])  # the documented form
+    assert spaceless.groups == {"vision.": 0.0}

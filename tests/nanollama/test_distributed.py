@@ -69,8 +69,29 @@ def test_dtype_auto_follows_the_cpu_bf16_flags(tmp_path, monkeypatch, flags, nat
     assert distributed.native_bf16("cpu", cpuinfo) is native
     real = distributed.native_bf16
     monkeypatch.setattr(distributed, "native_bf16", lambda device_type: real(device_type, cpuinfo))
+    measured = []
+    peaks = {"bfloat16": 4e11, "float32": 1e11}  # an EPYC: bf16 4x faster
+    monkeypatch.setattr(
+        distributed, "peak_flops", lambda device, dtype: measured.append(dtype) or peaks[dtype]
+    )
     cfg = build_config(ClusterConfig, {"device": "cpu", "dtype": "auto"})
     assert cfg.dtype == ("bfloat16" if native else "float32")  # resolved: config.yaml records it
+    assert measured == (["bfloat16", "float32"] if native else [])  # no flags: emulated, never measured
+
+
+def test_dtype_auto_on_cpu_picks_the_faster_measured_matmul(monkeypatch, caplog):
+    """Flags say bf16 is native, not that it is fast: an avx512_bf16 Xeon without AMX ran a bf16 matmul at
+    135 GFLOP/s against 238 in fp32."""
+    monkeypatch.setattr(distributed, "native_bf16", lambda device_type: True)
+    for peaks, chosen in (
+        ({"bfloat16": 135e9, "float32": 238e9}, "float32"),
+        ({"bfloat16": 4e11, "float32": 1e11}, "bfloat16"),
+    ):
+        monkeypatch.setattr(distributed, "peak_flops", lambda device, dtype, peaks=peaks: peaks[dtype])
+        with caplog.at_level("INFO", logger="src.nanollama.distributed"):
+            assert build_config(ClusterConfig, {"device": "cpu", "dtype": "auto"}).dtype == chosen
+        assert f"cluster.dtype=auto: {chosen}" in caplog.text and "GFLOP/s" in caplog.text
+        caplog.clear()
 
 
 def test_no_cpuinfo_means_no_native_bf16(tmp_path):

@@ -102,6 +102,8 @@ def test_the_console_line_is_for_people():
         "step 100/300 | loss 2.031 | lr 0.003 | grad_norm 0.21 | 12.3k tok/s | MFU 3.12% | mem 1.25 GiB"
         " | ETA 0:01:23 | accuracy=0.5"
     )
+    many = {"step": 5, "loss": 1.0} | {f"term_{i}": float(i) for i in range(15)}  # the dVAE's many terms
+    assert console_line(many, 10) == "step 5/10 | loss 1 | term_0=0 term_1=1 term_2=2 (+12 in metrics/raw)"
     summary = summary_line(0, 300, 614_400, 41.0, 0.021)
     assert (
         summary

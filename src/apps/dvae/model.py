@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ...nanollama.app import set_vocab_size
 from ...nanollama.config import ConfigError
+from ...nanollama.model.eager import eager
 from ...nanollama.model.transformer import Transformer, TransformerConfig
 from .data import GridVocab, seq_len
 from .schedules import ScheduleConfig
@@ -105,7 +106,7 @@ class QuantiserConfig:
 # ----------------------------------------------------------------------------- quantisers
 
 
-@torch.compiler.disable
+@eager
 def draw_uniforms(
     kind: str, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> Tensor | None:

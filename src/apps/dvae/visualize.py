@@ -1,13 +1,14 @@
 """Figures of a dVAE checkpoint: held-out grids beside their reconstructions, and the codebook's usage.
 
     python -m src.apps.dvae.visualize run=<run log dir> [out=<file.html>] [checkpoint=<checkpoint dir>]
-        [split=valid|test] [n_grids=8] [max_grids=0]
+        [split=valid|test] [n_grids=8] [max_grids=-1]
 
 The model is the run's latest checkpoint (or `checkpoint`), loaded as `eval.py` does (with
 `evaluation.use_ema` in the run's config: its EMA weights); codes are the argmax codes. `grids`: the first
 `n_grids` grids of the split, in evaluation order (whole pairs first), each as two heatmaps in the ARC
 palette (pads and non-colour tokens blank). `codebook`: how often each code is taken over the split's
-first `max_grids` grids (0: all), sorted, with the usage share and perplexity of `evaluation.py`. Both
+first `max_grids` grids (0: all; -1, the default: the run's `evaluation.max_grids`, so that the figures
+count the grids its eval lines count), sorted, with the usage share and perplexity of `evaluation.py`. Both
 figures go to one self-contained HTML file (plotly.js inlined: it opens offline), by default
 `<run>/figures/dvae.html`; `notebooks/dvae.ipynb` draws the same figures.
 """
@@ -200,7 +201,7 @@ class VisualizeConfig:
     checkpoint: str = ""  # a checkpoint folder; empty: the run's latest
     split: str = "valid"  # valid | test (held-out eval tasks)
     n_grids: int = 8  # grids drawn beside their reconstructions
-    max_grids: int = 0  # grids whose codes are counted (0: the whole split)
+    max_grids: int = -1  # grids whose codes are counted (0: the whole split; -1: evaluation.max_grids)
 
     def check(self) -> None:
         require("plotly", "notebooks", FEATURE)
@@ -208,7 +209,7 @@ class VisualizeConfig:
             raise ConfigError("run", f"'{self.run}' is not a run folder (no config.yaml)")
         if self.split not in ("valid", "test"):
             raise ConfigError("split", f"must be valid or test, got {self.split!r}")
-        for key, low in (("n_grids", 1), ("max_grids", 0)):
+        for key, low in (("n_grids", 1), ("max_grids", -1)):
             if getattr(self, key) < low:
                 raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")
 
@@ -217,7 +218,8 @@ def visualize(cfg: VisualizeConfig) -> Path:
     run_cfg, model, step = load_model(cfg.run, cfg.checkpoint)
     grids = load_grids(run_cfg.data, cfg.split)
     title = f"{run_cfg.orchestration.name} step {step}, {cfg.split}: "
-    figs = figures(model, grids, run_cfg.data.max_size, cfg.n_grids, cfg.max_grids, title)
+    max_grids = run_cfg.evaluation.max_grids if cfg.max_grids < 0 else cfg.max_grids
+    figs = figures(model, grids, run_cfg.data.max_size, cfg.n_grids, max_grids, title)
     path = write_html(figs, cfg.out or Path(cfg.run) / "figures" / "dvae.html", title.rstrip(": "))
     print(f"wrote {path}: {len(figs['grids'].data) // 2} grids, {figs['codebook'].layout.title.text}")
     return path

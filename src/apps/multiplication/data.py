@@ -16,6 +16,7 @@ whether they are generated on the fly or written once to files by `make_data`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from torch import Tensor
 
 from ...nanollama.config import ConfigError, FileError, read_utf8
 from ...nanollama.data.loader import ShardedEpochSampler
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 
@@ -259,12 +262,34 @@ class DataConfig:
         return getattr(self, f"{split}_file")
 
 
+ENUMERATE_UP_TO = 10**6  # operand pairs: a smaller space is listed whole, a larger one drawn from
+
+
+def distinct_problems(rng: np.random.Generator, n: int, k: int, m: int, split: str) -> list[tuple[int, int]]:
+    """Up to n distinct pairs (a, b) of `split`, in a random order: every pair of a small space (listed,
+    then shuffled: fewer than n if the split holds fewer), else drawn until n distinct ones."""
+    if 81 * 10 ** (k + m - 2) <= ENUMERATE_UP_TO:
+        a, b = np.meshgrid(np.arange(10 ** (k - 1), 10**k), np.arange(10 ** (m - 1), 10**m), indexing="ij")
+        a, b = a.ravel(), b.ravel()
+        keep = np.flatnonzero(split_of(a, b) == SPLITS.index(split))
+        chosen = rng.permutation(keep)[:n]
+        return list(zip(a[chosen].tolist(), b[chosen].tolist()))
+    seen: dict[tuple[int, int], None] = {}  # insertion-ordered
+    while len(seen) < n:
+        seen.update(dict.fromkeys(draw_problems(rng, n - len(seen), k, m, split)))
+    return list(seen)
+
+
 def load_split(cfg: DataConfig, split: str, n: int, seed: int) -> list[Problem]:
-    """A fixed evaluation set: the first n problems of the split's file, or n drawn from (seed, split)."""
+    """A fixed evaluation set, each problem at most once: the first n problems of the split's file, or n
+    distinct ones drawn from (seed, split); fewer when the split holds fewer (`n` in the eval line)."""
     if cfg.file(split):
         return read_problems(cfg.file(split))[:n]
     rng = np.random.default_rng([seed, 1 + SPLITS.index(split), 7])
-    return [make_problem(a, b, cfg.k, cfg.m) for a, b in draw_problems(rng, n, cfg.k, cfg.m, split)]
+    pairs = distinct_problems(rng, n, cfg.k, cfg.m, split)
+    if len(pairs) < n:
+        logger.info(f"{split}: {len(pairs)} problems of {cfg.k}x{cfg.m} digits in the split, fewer than {n}")
+    return [make_problem(a, b, cfg.k, cfg.m) for a, b in pairs]
 
 
 def batch_rng(*key: int) -> np.random.Generator:

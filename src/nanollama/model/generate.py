@@ -12,7 +12,8 @@ multiple of `CACHE_ROUNDING` so that prompts of similar lengths share compiled s
     completions = generate(model, [[5, 3, 9], [7]], max_new_tokens=32, temperature=0.8, top_p=0.9, seed=0)
 """
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -67,10 +68,14 @@ def decode_step(model: Transformer, tokens: Tensor, cache: KVCache) -> Tensor:
     return model(tokens[:, None], cache=cache)[:, -1]
 
 
-_compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
-# One compiled step per (batch, cache length, bucket): dynamo's default of 8 per function would drop a
-# notebook that generates at a few batch sizes back to eager.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+@functools.cache
+def compiled_decode_step() -> Callable[[Transformer, Tensor, KVCache], Tensor]:
+    """`decode_step` compiled, made at first use: building it imports torch._dynamo (a second or two),
+    which a run that never generates compiled should not pay at import."""
+    # One compiled step per (batch, cache length, bucket): dynamo's default of 8 per function would drop a
+    # notebook that generates at a few batch sizes back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(decode_step, fullgraph=True, dynamic=False)
 
 
 def prefill(
@@ -144,7 +149,7 @@ def generate(
     logits, cache = prefill(model, prompts, max_new_tokens, prefix, prefix_lm)
     device = logits.device
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-    step = _compiled_decode_step if compile else decode_step
+    step = compiled_decode_step() if compile else decode_step
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     out = torch.empty(len(prompts), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
+from .eager import eager
 
 SCALINGS = ("none", "linear", "ntk", "yarn")
 
@@ -170,7 +171,7 @@ class RotaryEmbedding(nn.Module):
         cos, sin = rope_tables(length, self.head_dim, self.theta, self.cos.device, self.scaling)
         self.cos, self.sin = cos.to(self.cos.dtype), sin.to(self.sin.dtype)
 
-    @torch.compiler.disable  # rare; a compiled model recompiles once for the new table shape
+    @eager  # rare; a compiled model recompiles once for the new table shape
     def grow(self, seq_len: int) -> None:
         self.reset(max(seq_len, 2 * self.cos.shape[0]))
 

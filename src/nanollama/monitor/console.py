@@ -11,6 +11,7 @@ import math
 LEAD = ("loss", "lr", "grad_norm")
 HIDDEN = {"step", "rank_loss", "tokens_per_s_per_device", "samples_per_s_per_device", "eta_s", "memory_gib"}
 HIDDEN |= {"tokens_per_s", "samples_per_s", "mfu"}
+MAX_EXTRA = 3  # an app's own keys shown, in the order it passes them to `Monitor.end_step`
 
 
 def duration(seconds: float) -> str:
@@ -35,7 +36,7 @@ def short(value: object) -> str:
 
 def console_line(record: dict, total_steps: int) -> str:
     """`step 100/300 | loss 2.031 | lr 0.003 | grad_norm 0.21 | 12.3k tok/s | MFU 3.1% | mem 1.2 GiB | ETA
-    0:01:23 | other=...`."""
+    0:01:23 | a=... b=... c=... (+4 in metrics/raw)`: at most `MAX_EXTRA` of the app's own keys."""
     parts = [f"step {record['step']}/{total_steps}"]
     parts += [f"{key} {short(record[key])}" for key in LEAD if key in record]
     if "tokens_per_s" in record:
@@ -49,6 +50,8 @@ def console_line(record: dict, total_steps: int) -> str:
     if "eta_s" in record:
         parts.append(f"ETA {duration(record['eta_s'])}")
     rest = [f"{k}={short(v)}" for k, v in record.items() if k not in HIDDEN and k not in LEAD]
+    if len(rest) > MAX_EXTRA:  # one line a person can read: the app's first few, the rest in the file
+        rest = rest[:MAX_EXTRA] + [f"(+{len(rest) - MAX_EXTRA} in metrics/raw)"]
     return " | ".join(parts + ([" ".join(rest)] if rest else []))
 
 

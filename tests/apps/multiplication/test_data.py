@@ -9,12 +9,14 @@ import torch
 from src.apps.multiplication.data import (
     ANSWER,
     LATENT,
+    SPLITS,
     DataConfig,
     MultiplicationTokenizer,
     ProblemStream,
     RowLayout,
     collate,
     format_line,
+    load_split,
     make_problem,
     parse_line,
     read_problems,
@@ -208,3 +210,16 @@ def test_every_config_builds_and_the_sweep_crosses_mode_and_size():
     assert {(p["train.mode"], p["data.k"]) for p in points} == {
         (m, k) for m in ("plain", "cot", "latent", "internalize") for k in (3, 4, 5)
     }
+
+
+def test_an_eval_split_holds_each_problem_once():
+    """2x2's test split holds 417 problems: asking for 1,000 gives those 417, once each, not 1,000 draws."""
+    small = load_split(DataConfig(k=2, m=2), "test", 1000, seed=0)
+    pairs = [(tuple(p.a), tuple(p.b)) for p in small]
+    assert len(pairs) == len(set(pairs)) == 417
+    a = np.array([value(p.a) for p in small])
+    b = np.array([value(p.b) for p in small])
+    assert (split_of(a, b) == SPLITS.index("test")).all()
+    assert load_split(DataConfig(k=2, m=2), "test", 50, seed=0) == small[:50]  # a prefix: the same problems
+    large = load_split(DataConfig(k=4, m=4), "valid", 512, seed=0)  # drawn, not listed
+    assert len({(tuple(p.a), tuple(p.b)) for p in large}) == 512
