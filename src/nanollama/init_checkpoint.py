@@ -13,6 +13,7 @@ a wrong path or a mismatched shape exits 2 with one line.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from .monitor.checkpoint import find_checkpoint, latest_checkpoint
 
 logger = logging.getLogger(__name__)
 KEY = "init.checkpoint"
+VOCABULARY = "vocabulary.json"  # in every checkpoint of a run with a tokenizer: {"vocabulary": identity}
 
 
 @dataclass
@@ -34,10 +36,15 @@ class InitConfig:
     checkpoint: str = ""  # a run folder (its latest checkpoint) or a checkpoint folder; empty: fresh init
     prefix_map: dict[str, str] = field(default_factory=dict)  # checkpoint prefix -> model prefix
     strict: bool = True  # every model weight under the map's targets (all, without a map) must be loaded
+    tokenizer_mismatch: str = "refuse"  # refuse | allow: a checkpoint of another vocabulary (logged)
 
     def check(self) -> None:
         if self.prefix_map and not self.checkpoint:
             raise ConfigError("prefix_map", "needs init.checkpoint")
+        if self.tokenizer_mismatch not in ("refuse", "allow"):
+            raise ConfigError(
+                "tokenizer_mismatch", f"must be refuse or allow, got {self.tokenizer_mismatch!r}"
+            )
 
 
 def find_init(cfg: InitConfig) -> Path | None:
@@ -54,6 +61,32 @@ def find_init(cfg: InitConfig) -> Path | None:
         )
     except ConfigError as e:
         raise ConfigError(KEY, e.message) from None
+
+
+def saved_vocabulary(checkpoint: Path) -> str:
+    """The tokenizer identity a checkpoint was saved with ("" for a checkpoint without one)."""
+    try:
+        return str(json.loads((checkpoint / VOCABULARY).read_text())["vocabulary"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def check_vocabulary(cfg: InitConfig, path: Path, vocabulary: str) -> str:
+    """Embeddings mean nothing under another tokenizer: a sentencepiece model trained on other data has
+    the same size but other pieces. Refused (exit 2) unless `init.tokenizer_mismatch: allow`; returns
+    the warning to log, if any."""
+    theirs = saved_vocabulary(path)
+    if not vocabulary or theirs == vocabulary:
+        return ""
+    if not theirs:
+        return f"{path} records no tokenizer: its vocabulary cannot be checked against this run's"
+    if cfg.tokenizer_mismatch == "allow":
+        return f"init.tokenizer_mismatch=allow: {path} has tokenizer {theirs}, this run {vocabulary}"
+    raise ConfigError(
+        KEY,
+        f"{path} was trained with tokenizer {theirs}, this run has {vocabulary}: the tokenizer.* keys (and "
+        "a sentencepiece model's data.sources) must give its vocabulary, or init.tokenizer_mismatch=allow",
+    )
 
 
 def resumes(log_dir: str | Path) -> bool:
@@ -102,12 +135,16 @@ def init_names(
     return sorted(state)
 
 
-def check_init(cfg: InitConfig, build: Callable[[], nn.Module], prefix_map: dict | None = None) -> None:
-    """At start-up: the path, then the names and shapes against the model `build()` makes on the meta
-    device (no memory, no init)."""
+def check_init(
+    cfg: InitConfig, build: Callable[[], nn.Module], prefix_map: dict | None = None, vocabulary: str = ""
+) -> str:
+    """At start-up: the path, the vocabulary (`vocabulary`: this run's tokenizer identity, see
+    `VOCABULARY`), then the names and shapes against the model `build()` makes on the meta device (no
+    memory, no init). Returns a warning for the run's log (a vocabulary mismatch allowed), if any."""
     path = find_init(cfg)
     if path is None:
-        return
+        return ""
+    warning = check_vocabulary(cfg, path, vocabulary)
     with torch.device("meta"):
         model = build()
     init_names(
@@ -117,6 +154,7 @@ def check_init(cfg: InitConfig, build: Callable[[], nn.Module], prefix_map: dict
         str(path),
         prefix_map,
     )
+    return warning
 
 
 def load_init_weights(model: nn.Module, path: Path, cfg: InitConfig, prefix_map: dict | None = None) -> int:

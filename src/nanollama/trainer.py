@@ -211,6 +211,7 @@ def start_run(
     check_model: Callable[[], nn.Module],
     seq_len: int = 0,
     prefix_map: dict | None = None,
+    vocabulary: str = "",
 ) -> Iterator[Run]:
     """Everything between an app's data stream and its loop, in the one order that works; the app
     builds its data first (it may fix `optim.steps` or the vocabulary, and bad data must exit 2 before
@@ -234,12 +235,16 @@ def start_run(
     9. The Monitor restores the latest checkpoint (model, optimizer, schedule, data, streams) if any.
 
     `seq_len`: positions per row, for the FLOP count (0: 6 x parameters per token). `prefix_map`: the
-    check's `init.prefix_map` where the app picks its own (BERT's task switch).
+    check's `init.prefix_map` where the app picks its own (BERT's task switch). `vocabulary`: the
+    tokenizer's identity (`Tokenizer.identity`): saved with every checkpoint, and `init.checkpoint` of
+    another vocabulary is refused.
     """
-    check_init(cfg.init, check_model, prefix_map)
+    warning = check_init(cfg.init, check_model, prefix_map, vocabulary)
     resuming = resumes(cfg.orchestration.log_dir)
     with ExitStack() as stack:
-        monitor = stack.enter_context(Monitor(cfg, cluster, seq_len))
+        monitor = stack.enter_context(Monitor(cfg, cluster, seq_len, vocabulary))
+        if warning and not resuming:  # in the run's log, which exists from here
+            logger.warning(warning)
         training = build_training(cfg, cluster, loader, init=not resuming)
         loader = stack.enter_context(training.loader)
         if frozen := freeze(training.model, cfg.optim):

@@ -123,7 +123,8 @@ def test_scaling_notebook_says_which_sweep_is_missing_and_how_to_make_it(tmp_pat
     from nbclient.exceptions import CellExecutionError
 
     with pytest.raises(CellExecutionError) as error:
-        execute("scaling.ipynb", model_sweep=str(tmp_path / "nowhere"), data_sweep="", out_dir=str(tmp_path))
+        nowhere = str(tmp_path / "nowhere")  # and no shipped points to fall back on
+        execute("scaling.ipynb", model_sweep=nowhere, data_sweep="", out_dir=str(tmp_path), shipped_points="")
     assert error.value.ename == "FileNotFoundError"
     message = error.value.evalue  # one line: which folder, and the command that makes it
     assert message.startswith(f"no model-size sweep in {tmp_path / 'nowhere'}: make it with python -m")

@@ -193,7 +193,9 @@ def train(cfg: TrainConfig) -> None:
         build = partial(build_training, task=task)
         prefix_map = init_prefix_map(init, task.name) if init else None
         run = stack.enter_context(
-            start_run(cfg, cluster, loader, build, check_model, cfg.data.seq_len, prefix_map=prefix_map)
+            start_run(
+                cfg, cluster, loader, build, check_model, cfg.data.seq_len, prefix_map, tokenizer.identity
+            )
         )
         step, monitor, tokens = run.step, run.monitor, run.training.state
         logger.info(

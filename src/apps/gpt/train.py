@@ -122,7 +122,15 @@ def train(cfg: TrainConfig) -> None:
             cfg.optim.steps = steps_in_epochs(stream.count_batches(), cluster, acc, str(cfg.data.epochs))
         check_model = lambda: build_model(cfg, training=False, device=torch.device("meta"))  # noqa: E731
         run = stack.enter_context(
-            start_run(cfg, cluster, stream, build_training, check_model, cfg.data.seq_len)
+            start_run(
+                cfg,
+                cluster,
+                stream,
+                build_training,
+                check_model,
+                cfg.data.seq_len,
+                vocabulary=tokenizer.identity,
+            )
         )
         step, monitor = run.step, run.monitor
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len

@@ -193,13 +193,16 @@ def train(cfg: TrainConfig) -> None:
     with ExitStack() as stack:
         cluster = stack.enter_context(Cluster(cfg.cluster))
         acc = cfg.optim.accumulation_steps
-        rows = row_builder(cfg, load_tokenizer(cfg))
+        tokenizer = load_tokenizer(cfg)
+        rows, vocabulary = row_builder(cfg, tokenizer), tokenizer.identity
         mixture = build_mixture(cfg, rows, cluster)
         if cfg.data.epochs:  # the run is as long as those epochs of the named dataset
             cfg.optim.steps = steps_in_epochs(mixture.count_batches(), cluster, acc, str(mixture.stop))
         check_model = lambda: build_model(cfg, training=False, device=torch.device("meta"))  # noqa: E731
         run = stack.enter_context(
-            start_run(cfg, cluster, mixture, build_training, check_model, cfg.data.seq_len)
+            start_run(
+                cfg, cluster, mixture, build_training, check_model, cfg.data.seq_len, vocabulary=vocabulary
+            )
         )
         step, monitor, vlm = run.step, run.monitor, run.training.model
         for line in mixture.plan(cfg.optim.steps * acc):

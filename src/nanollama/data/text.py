@@ -115,7 +115,9 @@ class Tokenizer:
     apps add `bos`, `eos`, `mask`, ... themselves. `decode` drops special ids.
     """
 
+    kind: str
     vocab_size: int
+    digest: str = ""  # sha256 of what defines the vocabulary (sentencepiece: its pieces; tiktoken: the ranks)
     bos: int
     eos: int
     pad: int
@@ -133,9 +135,17 @@ class Tokenizer:
     def special_ids(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in SPECIALS}
 
+    @property
+    def identity(self) -> str:
+        """What fixes the meaning of every id (kind, size, and a hash of the pieces or the ranks file): two
+        tokenizers with the same identity map text to the same ids. Recorded in every checkpoint."""
+        return f"{self.kind}-{self.vocab_size}" + (f"-{self.digest[:16]}" if self.digest else "")
+
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes 0..255, then the specials: exact round trip of any text, no training."""
+
+    kind = "byte"
 
     def __init__(self) -> None:
         for i, name in enumerate(SPECIALS):
@@ -151,6 +161,8 @@ class ByteTokenizer(Tokenizer):
 
 class SentencePieceTokenizer(Tokenizer):
     """SentencePiece BPE with byte fallback and no normalization, so that decoding gives back the text."""
+
+    kind = "sentencepiece"
 
     # Fixed settings of the training; part of the cache key.
     SETTINGS = dict(
@@ -178,6 +190,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.model_file = str(model_file)
         self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
         self.vocab_size = self.sp.get_piece_size()
+        pieces = "\n".join(self.sp.id_to_piece(i) for i in range(self.vocab_size))  # what each id means
+        self.digest = hashlib.sha256(pieces.encode()).hexdigest()
         self.bos, self.eos, self.pad = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
         self.mask, self.cls, self.sep = (self.sp.piece_to_id(p) for p in ("<mask>", "<cls>", "<sep>"))
 
@@ -227,13 +241,15 @@ class TiktokenTokenizer(Tokenizer):
     """A tiktoken `Encoding` from a local `.tiktoken` ranks file and GPT-2's regex; specials come after the
     ranks."""
 
+    kind = "tiktoken"
+
     def __init__(self, path: str | os.PathLike, pattern: str = GPT2_PATTERN):
         tiktoken = require("tiktoken", "text", "a tiktoken tokenizer")
         load_tiktoken_bpe = require("tiktoken.load", "text", "a tiktoken tokenizer").load_tiktoken_bpe
         if not Path(path).is_file():
             raise ConfigError("path", f"tiktoken ranks file not found: {path}")
         # tiktoken caches files by *path* only; passing the content hash makes it notice a rewritten file.
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self.digest = digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         ranks = load_tiktoken_bpe(str(path), expected_hash=digest)
         first = max(ranks.values()) + 1
         specials = {f"<|{name}|>": first + i for i, name in enumerate(SPECIALS)}

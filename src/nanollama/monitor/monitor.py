@@ -27,6 +27,7 @@ from ..app import RunConfig
 from ..config import ConfigError, RunError, to_dict, to_yaml
 from ..distributed import Cluster, unwrap
 from ..flops import model_flops_per_token
+from ..init_checkpoint import VOCABULARY
 from ..jobs import submit_eval_job
 from ..optim import EMA, ClipState
 from .activations import ActivationProbe
@@ -61,12 +62,14 @@ class NonFiniteLossError(RunError):
 
 
 class Monitor:
-    def __init__(self, run_config: RunConfig, cluster: Cluster, seq_len: int = 0):
-        """`seq_len`: the positions of a row, for the model's FLOPs per token (0: 6 x parameters)."""
+    def __init__(self, run_config: RunConfig, cluster: Cluster, seq_len: int = 0, vocabulary: str = ""):
+        """`seq_len`: the positions of a row, for the model's FLOPs per token (0: 6 x parameters).
+        `vocabulary`: the tokenizer's identity, recorded in every checkpoint (init_checkpoint.VOCABULARY)."""
         self.cfg = cfg = run_config.orchestration
         self.cluster, self.run_config = cluster, run_config
         self.total_steps = run_config.optim.steps
         self.seq_len = seq_len
+        self.vocabulary = vocabulary
         self.log_dir = Path(cfg.log_dir)
         self.rank = cluster.rank
         self.step = 0
@@ -126,7 +129,7 @@ class Monitor:
         self.tensorboard = enter(TensorboardLogger(self.cfg.tensorboard, self.log_dir, self.cluster.is_main))
         probe_jsonl = metrics / f"probe_{self.rank}.jsonl"
         self.probe = enter(ActivationProbe(self.cfg.probe, probe_jsonl, self.wandb.log))
-        self.preemption = enter(PreemptionHandler())
+        self.preemption = enter(PreemptionHandler(self.cfg.preemption_grace_s))
         self._tokens, self._samples = 0, 0
         self._last_log = (time.perf_counter(), 0, 0)
         self._start = time.perf_counter()
@@ -242,7 +245,9 @@ class Monitor:
         """Save; a loader with `consumed()` (a list of flat records, one per source) also has what it has
         read logged and written to `data_{rank}.json` beside the checkpoint."""
         o = self.objects
-        records = {}
+        records: dict[str, Any] = {}
+        if self.vocabulary and self.cluster.is_main:
+            records[VOCABULARY] = {"vocabulary": self.vocabulary}
         if hasattr(o["loader"], "consumed"):
             sources = o["loader"].consumed()
             records[f"data_{self.rank}.json"] = {"step": self.step, "rank": self.rank, "sources": sources}

@@ -23,7 +23,10 @@ class OrchestrationConfig:
     name: str = "debug"  # run name
     log_dir: str = ""  # the one folder of the run; empty: runs/{name}
     seed: int = 0  # global seed
-    max_skipped_steps: int = 8  # consecutive steps with non-finite gradients skipped before the run stops
+    max_skipped_steps: int = 8  # consecutive dead steps (gradient norm not finite, or 0) before the run stops
+    # seconds a preemption signal may wait for the step to end before the run stops mid-step (0: no limit);
+    # under SLURM's usual 90 s warning, 60 leaves the checkpoint time to be written
+    preemption_grace_s: float = 60.0
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -36,6 +39,10 @@ class OrchestrationConfig:
     def check(self) -> None:
         if not self.name:
             raise ConfigError("name", "must not be empty")
+        if self.preemption_grace_s < 0:
+            raise ConfigError(
+                "preemption_grace_s", f"must be >= 0 (0: no limit), got {self.preemption_grace_s}"
+            )
         if self.max_skipped_steps < 0:
             raise ConfigError("max_skipped_steps", f"must be >= 0, got {self.max_skipped_steps}")
         # resolved here, after the merge: a dataclass default (__post_init__) only sees the default name
