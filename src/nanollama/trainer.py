@@ -33,7 +33,15 @@ from .monitor.checkpoint import clear_eval_flag, find_checkpoint
 from .monitor.logger import JsonlWriter
 from .monitor.monitor import Monitor
 from .monitor.run_config import EVAL_MAY_CHANGE, check_against_run
-from .optim import OptimConfig, base_lr, build_optimizer, build_scheduler, clip_gradients, freeze
+from .optim import (
+    OptimConfig,
+    base_lr,
+    build_optimizer,
+    build_scheduler,
+    check_groups,
+    clip_gradients,
+    freeze,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -217,10 +225,10 @@ def start_run(
     builds its data first (it may fix `optim.steps` or the vocabulary, and bad data must exit 2 before
     the log dir exists).
 
-    1. `init.checkpoint` is checked against `check_model()`, the app's model built under the meta device
-       (no memory, no init; it must not move itself to a device): a wrong path or shape exits 2 here,
-       while there is still no log dir.
-    2. Whether the log dir holds a checkpoint is read before the Monitor, which creates the log dir.
+    1. Whether the log dir holds a checkpoint is read before the Monitor, which creates the log dir.
+    2. On a fresh start, `init.checkpoint` is checked against `check_model()`, the app's model built
+       under the meta device (no memory, no init; it must not move itself to a device), and so is
+       `optim.groups` in any case: a wrong path, shape or prefix exits 2 while there is no log dir.
     3. The Monitor takes the log dir's lock and sets up logging, so all that follows is in the run's log.
     4. `build_training(cfg, cluster, loader, init)` makes the app's Training from its `loader` (not yet
        entered); `init` (load `init.checkpoint`) only on a fresh start: a resume's own checkpoint wins
@@ -239,8 +247,11 @@ def start_run(
     tokenizer's identity (`Tokenizer.identity`): saved with every checkpoint, and `init.checkpoint` of
     another vocabulary is refused.
     """
-    warning = check_init(cfg.init, check_model, prefix_map, vocabulary)
     resuming = resumes(cfg.orchestration.log_dir)
+    # a resume's own checkpoint wins: its starting point may have moved on (a requeue after a clean-up)
+    warning = "" if resuming else check_init(cfg.init, check_model, prefix_map, vocabulary)
+    with torch.device("meta"):  # a prefix that matches nothing, or everything frozen: exit 2 here
+        check_groups(check_model(), cfg.optim)
     with ExitStack() as stack:
         monitor = stack.enter_context(Monitor(cfg, cluster, seq_len, vocabulary))
         if warning and not resuming:  # in the run's log, which exists from here

@@ -17,6 +17,7 @@ CASES = [  # (app, the bad arguments, the key the error must start with)
     ("multiplication", ["train.teacher_forcing.ramp_steps=0"], "train.teacher_forcing.ramp_steps"),
     ("multiplication", ["train.teacher_forcing.start_step=-1"], "train.teacher_forcing.start_step"),
     ("multiplication", ["evaluation.batch_size=0"], "evaluation.batch_size"),
+    ("multiplication", ["data.k=3", "data.m=4", "evaluation.n_problems=405405"], "evaluation.n_problems"),
     ("dvae", ["masking.shape=linear", "masking.end=-0.5"], "masking.end"),
     ("dvae", ["masking.start=1.0"], "masking.start"),
     ("dvae", ["loss.kl.shape=linear", "loss.kl.end=-1"], "loss.kl.end"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,4 +172,45 @@ def test_the_init_check_builds_on_the_meta_device(tmp_path):
         build = functools.partial(toy_training, calls=[])
         with start_run(cfg, cluster, Counting(), build, check_model) as run:
             assert run.step == 0
-    assert devices == ["meta"]
+    assert devices and set(devices) == {"meta"}  # the init check and the optim.groups check
+
+
+def test_a_resume_does_not_need_its_starting_point_any_more(tmp_path):
+    """A requeued fine-tune whose pretraining run was cleaned up: its own checkpoint wins."""
+    source = toy_config(tmp_path / "source")
+    run_toy(source, [], steps=1)
+    cfg = toy_config(tmp_path / "run")
+    cfg.init.checkpoint = str(tmp_path / "source")
+    run_toy(cfg, [], steps=1)
+    shutil.rmtree(tmp_path / "source")
+    start, _ = run_toy(cfg, [], steps=2)
+    assert start == 1
+
+
+def test_optim_groups_are_checked_before_the_log_dir_exists(tmp_path):
+    cfg = toy_config(tmp_path / "run", groups={"nosuch.": 0.0})
+    with Cluster(cfg.cluster) as cluster:
+        with pytest.raises(ConfigError, match="optim.groups"):
+            with start_run(cfg, cluster, Counting(), functools.partial(toy_training, calls=[]), toy_model):
+                pass
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_last_step_that_reaches_no_trained_part_is_no_dead_end(tmp_path):
+    """A batch that gives the trained parts no gradient (a text row for a projector-only VLM) is a
+    legitimate step: the run still ends and saves."""
+    cfg = toy_config(tmp_path / "run")
+
+    def training(cfg, cluster, loader, init):
+        t = toy_training(cfg, cluster, loader, init, [])
+        loss = t.loss
+        t.loss = lambda m, x: loss(m, x) * 0 if loader.position >= 3 else loss(m, x)  # step 3: no gradient
+        return t
+
+    with Cluster(cfg.cluster) as cluster, start_run(cfg, cluster, Counting(), training, toy_model) as run:
+        step = run.step
+        while step < 3:
+            loss, metrics = run.train_step(step)
+            step = run.monitor.end_step(step + 1, loss, 4, **metrics)
+        assert metrics["grad_norm"] == 0.0
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["0000000003"]

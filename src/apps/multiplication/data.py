@@ -263,11 +263,21 @@ class DataConfig:
 
 
 ENUMERATE_UP_TO = 10**6  # operand pairs: a smaller space is listed whole, a larger one drawn from
+DRAW_ROUNDS = 50  # rounds of draws that may add no new problem before the split counts as exhausted
+
+
+def check_eval_size(cfg: DataConfig, n: int, key: str = "evaluation.n_problems") -> None:
+    """A drawn (large) space can give n distinct problems quickly only if n is well below what the split
+    holds; a listed (small) one gives what it holds."""
+    space = 81 * 10 ** (cfg.k + cfg.m - 2)
+    if space > ENUMERATE_UP_TO and n > space // 40:  # split_of gives valid and test 1/20 each
+        raise ConfigError(key, f"{n} is over half the ~{space // 20} problems of a {cfg.k}x{cfg.m} split")
 
 
 def distinct_problems(rng: np.random.Generator, n: int, k: int, m: int, split: str) -> list[tuple[int, int]]:
     """Up to n distinct pairs (a, b) of `split`, in a random order: every pair of a small space (listed,
-    then shuffled: fewer than n if the split holds fewer), else drawn until n distinct ones."""
+    then shuffled: fewer than n if the split holds fewer), else drawn until n distinct ones (or, asked for
+    about as many as the split holds, until draws stop finding new ones: fewer)."""
     if 81 * 10 ** (k + m - 2) <= ENUMERATE_UP_TO:
         a, b = np.meshgrid(np.arange(10 ** (k - 1), 10**k), np.arange(10 ** (m - 1), 10**m), indexing="ij")
         a, b = a.ravel(), b.ravel()
@@ -275,8 +285,11 @@ def distinct_problems(rng: np.random.Generator, n: int, k: int, m: int, split: s
         chosen = rng.permutation(keep)[:n]
         return list(zip(a[chosen].tolist(), b[chosen].tolist()))
     seen: dict[tuple[int, int], None] = {}  # insertion-ordered
-    while len(seen) < n:
-        seen.update(dict.fromkeys(draw_problems(rng, n - len(seen), k, m, split)))
+    idle = 0
+    while len(seen) < n and idle < DRAW_ROUNDS:
+        before = len(seen)
+        seen.update(dict.fromkeys(draw_problems(rng, min(n - len(seen), 1 << 16), k, m, split)))
+        idle = idle + 1 if len(seen) == before else 0
     return list(seen)
 
 

@@ -25,7 +25,7 @@ from ...nanollama.distributed import Cluster, detect_environment, micro_batch_si
 from ...nanollama.init_checkpoint import load_init
 from ...nanollama.model.transformer import TransformerConfig
 from ...nanollama.trainer import build_transformer, eval_weights, start_run
-from .data import DataConfig, MultiplicationTokenizer, ProblemStream, check_files, load_split
+from .data import DataConfig, MultiplicationTokenizer, ProblemStream, check_eval_size, check_files, load_split
 from .evaluation import EvaluationConfig, evaluate
 from .model import MultiplicationModel
 from .modes import Schedule, TrainingConfig, multiplication_loss
@@ -44,6 +44,8 @@ class TrainConfig(RunConfig):
         check_use_ema(self.evaluation.use_ema, self.optim)
         if not self.model.causal:
             raise ConfigError("model.causal", "the answer is generated: must be true")
+        if not self.data.file("valid"):
+            check_eval_size(self.data, self.evaluation.n_problems)
         n = self.model.n_layers
         if self.train.aux.weight > 0 and not -n <= self.train.aux.layer < n:
             raise ConfigError("train.aux.layer", f"no block {self.train.aux.layer} in {n} layers")

@@ -74,6 +74,7 @@ class Monitor:
         self.rank = cluster.rank
         self.step = 0
         self.skipped = 0  # consecutive dead steps: update skipped (non-finite gradients) or a zero gradient
+        self.last_skipped = False  # the last step's update was skipped (non-finite gradients)
         self.spikes = SpikeGuard(cfg.spikes)  # train_step multiplies the LR by `spikes.lr_scale`
         self.clip_state = ClipState()  # adaptive clipping's running grad norm (train_step)
         self.ema: EMA | None = None  # the weights' EMA (optim.ema_decay > 0), made by `resume`
@@ -402,6 +403,7 @@ class Monitor:
         global, so every rank sees the same), and a gradient norm of exactly 0 (a collapsed model: nothing
         left to learn from) changes nothing either. Too many in a row stop the run. A live step confirms
         the checkpoints before it, unless it was a loss spike (not `sound`). No norm given: live."""
+        self.last_skipped = grad_norm is not None and not math.isfinite(grad_norm)
         if grad_norm is None or (math.isfinite(grad_norm) and grad_norm != 0):
             self.skipped = 0
             if sound:
@@ -418,10 +420,12 @@ class Monitor:
             )
 
     def _refuse_a_dead_end(self) -> None:
-        """A run that ends (not preempted) on dead steps is no success, however few: its last weights are
-        those that gave the dead gradients. Nothing is saved of them; a restart resumes from the last
-        good checkpoint."""
-        if self.skipped and not self.stop:  # `stop`: preempted, to resume
+        """A run that ends on skipped steps (non-finite gradients) is no success, however few: its last
+        weights are those that gave them. Nothing is saved of them; a restart resumes from the last good
+        checkpoint. A preempted run mid-way will resume and is let go; one at its last step is not. (A
+        zero gradient alone is legitimate now and then: a batch that reaches no trained part.)"""
+        preempted_midway = self.stop and self.step < self.total_steps
+        if self.last_skipped and not preempted_midway:
             raise NonFiniteLossError(
                 f"the run ended at step {self.step} on {self.skipped} dead steps in a row (gradient norm "
                 "not finite or 0: no update); " + self._set_aside_bad()
