@@ -44,7 +44,6 @@ from .console import console_line, short, summary_line
 from .files import write_synced
 from .lock import LogDirLock
 from .logger import JsonlWriter, process_info, setup_logging
-from .orchestration import OrchestrationConfig  # noqa: F401 (apps import it from here)
 from .preemption import PreemptionHandler
 from .profiler import HeavyProfiler, LightProfiler
 from .run_config import RESUME_FIXED, RESUME_MAY_CHANGE, check_against_run

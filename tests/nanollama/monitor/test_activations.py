@@ -182,7 +182,7 @@ def test_logger_gets_prefixed_metrics(tmp_path):
 
 def test_config_check():
     with pytest.raises(ConfigError, match="probe.period"):
-        from src.nanollama.monitor.monitor import OrchestrationConfig
+        from src.nanollama.monitor.orchestration import OrchestrationConfig
 
         build_config(OrchestrationConfig, {"probe": {"period": -1}})
 

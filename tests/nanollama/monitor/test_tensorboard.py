@@ -11,7 +11,7 @@ import pytest
 
 from src.nanollama.config import ConfigError, build_config
 from src.nanollama.monitor import tensorboard
-from src.nanollama.monitor.monitor import OrchestrationConfig
+from src.nanollama.monitor.orchestration import OrchestrationConfig
 from tests.conftest import GSSM_TINY, ROOT, assert_bad_input, child_env, crash_after, losses, run_module
 
 CONFIG = "config=src/apps/gssm/configs/debug.yaml"
